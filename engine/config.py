@@ -23,3 +23,27 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
+
+
+_current: EngineConfig | None = None
+
+
+def get_current_engine_config() -> EngineConfig | None:
+    """The config of the model being constructed (layers that take no config argument read it)."""
+    return _current
+
+
+class set_current_engine_config:
+    """Context manager the model loader enters around model construction."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+
+    def __enter__(self):
+        global _current
+        self._previous, _current = _current, self.config
+        return self.config
+
+    def __exit__(self, *exc):
+        global _current
+        _current = self._previous
