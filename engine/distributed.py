@@ -7,6 +7,7 @@ initialise torch.distributed (NCCL on CUDA, gloo on CPU) through `init_tensor_pa
 from __future__ import annotations
 
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,26 @@ def tp_override(rank: int, world_size: int):
         yield
     finally:
         _override = previous
+
+
+def init_tensor_parallel(
+    rank: int, world_size: int, store_host: str, store_port: int, backend: str, timeout_s: float = 600.0
+) -> None:
+    """Join the tensor-parallel group of `world_size` worker processes (one call per process).
+
+    Rendezvous goes through a TCPStore the executor already serves on `store_host:store_port`, so
+    no port has to be guessed free and no rank has to start first.
+    """
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialised in this process")
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(store_host, store_port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def destroy_tensor_parallel() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _collectives_live() -> bool:
