@@ -39,6 +39,10 @@ class WorkerDiedError(RuntimeError):
     """A worker process exited (killed, crashed) while the engine still needed it."""
 
 
+def _name(method) -> str:
+    return f"'{getattr(method, '__name__', method)}'"
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "is unresponsive"
@@ -103,11 +107,12 @@ class MultiprocExecutor:
         self._collect(range(tp), startup_timeout_s, "start-up")
 
     # -- calls ------------------------------------------------------------------------------------
-    def collective_rpc(self, method: str, *args, **kwargs) -> list:
-        """Run `runner.<method>(*args, **kwargs)` on every rank; returns every rank's result."""
+    def collective_rpc(self, method: str | Callable, *args, **kwargs) -> list:
+        """Run `runner.<method>(*args, **kwargs)` (or `method(runner, *args, **kwargs)` for a
+        picklable function) on every rank; returns every rank's result."""
         return self._call(method, args, kwargs, reply_ranks=range(self.world_size))
 
-    def execute(self, method: str, *args, **kwargs):
+    def execute(self, method: str | Callable, *args, **kwargs):
         """Run the method on every rank; only rank 0's result is sent back (the others' logits or
         samples would be the same data again)."""
         return self._call(method, args, kwargs, reply_ranks=(0,))[0]
@@ -119,8 +124,8 @@ class MultiprocExecutor:
             try:
                 send(conn, (method, args, kwargs, rank in reply_ranks))
             except (BrokenPipeError, ConnectionResetError, EOFError):
-                self._fail_dead(f"while sending '{method}'")
-        return self._collect(range(self.world_size), self.step_timeout_s, f"'{method}'")
+                self._fail_dead(f"while sending {_name(method)}")
+        return self._collect(range(self.world_size), self.step_timeout_s, _name(method))
 
     # -- waiting --------------------------------------------------------------------------------
     def _collect(self, ranks, timeout_s: float | None, what: str) -> list:

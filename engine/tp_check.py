@@ -2,19 +2,12 @@
 
 The parallel layers enforce the same rules when they are built (through `divide`), but only inside
 the workers, after N processes have started and imported torch; checking the config first turns
-the common mistakes into one clear error in the caller's process.
+the common mistakes into one clear error in the caller's process. The vocabulary needs no check:
+the vocab-parallel layers pad it to a multiple of 64 and then of the rank count.
 """
 from __future__ import annotations
 
 from transformers import PretrainedConfig
-
-# The vocabulary is padded up to a multiple of this before it is split over ranks (vLLM's
-# DEFAULT_VOCAB_PADDING_SIZE, as engine/layers/vocab_parallel_embedding.py uses).
-VOCAB_PADDING_SIZE = 64
-
-
-def padded_vocab_size(vocab_size: int, padding: int = VOCAB_PADDING_SIZE) -> int:
-    return -(-vocab_size // padding) * padding
 
 
 def tp_split_problems(hf_config: PretrainedConfig, tp: int) -> list[str]:
@@ -42,12 +35,6 @@ def tp_split_problems(hf_config: PretrainedConfig, tp: int) -> list[str]:
         size = getattr(cfg, name, None)
         if isinstance(size, int) and size % tp:
             problems.append(f"{name}={size} is not divisible by {tp}")
-    vocab = getattr(cfg, "vocab_size", None)
-    if vocab is not None and padded_vocab_size(vocab) % tp:
-        problems.append(
-            f"vocab_size={vocab} padded to {padded_vocab_size(vocab)} (a multiple of {VOCAB_PADDING_SIZE}) "
-            f"is not divisible by {tp}"
-        )
     return problems
 
 

@@ -4,7 +4,7 @@ A worker joins the process group, builds a runner (by default the engine's model
 rank, then serves calls from the executor over its pipe until told to stop: each request names a
 runner method and its arguments, every rank runs it (so the collectives inside the model's layers
 line up), and the reply carries the result, an error traceback, or nothing when the executor only
-wants rank 0's answer.
+wants rank 0's answer. A request may also carry a picklable function, called as `fn(runner, ...)`.
 
 Messages are pickled explicitly (`send_bytes`), not through `Connection.send`: once torch is
 imported that path moves tensors through shared-memory file descriptors, which costs more than
@@ -120,7 +120,10 @@ def _serve(runner, conn) -> None:
             return
         method, args, kwargs, want_result = message
         try:
-            result = getattr(runner, method)(*args, **kwargs)
+            if callable(method):  # a function of the runner (tests, one-off inspection)
+                result = method(runner, *args, **kwargs)
+            else:
+                result = getattr(runner, method)(*args, **kwargs)
         except Exception:
             send(conn, ("error", traceback.format_exc()))
             continue
