@@ -1,0 +1,48 @@
+"""RMSNorm with vLLM's fused residual form: norm(x, residual) -> (normed(x + residual), x + residual).
+
+Math follows HF: the residual add happens in the input dtype (as HF's `residual + hidden_states`),
+the normalisation in fp32. `unit_offset=True` is the Gemma form: weight stored as w, applied as
+(1 + w) in fp32 before the cast (weights initialise to zero then)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from porter.engine.layers.linear import make_param
+from porter.engine.weight_utils import default_weight_loader
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, unit_offset: bool = False,
+                 has_weight: bool = True, dtype: torch.dtype | None = None, prefix: str = ""):
+        super().__init__()
+        self.hidden_size, self.eps, self.unit_offset = hidden_size, eps, unit_offset
+        self.weight = None
+        if has_weight:
+            self.weight = make_param((hidden_size,), dtype or torch.get_default_dtype(),
+                                     f"{prefix}.weight" if prefix else "weight", default_weight_loader)
+            nn.init.zeros_(self.weight) if unit_offset else nn.init.ones_(self.weight)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return h.to(dtype)
+        if self.unit_offset:
+            return (h * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * h.to(dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}" + (", unit_offset" if self.unit_offset else "")
+
+
+class GemmaRMSNorm(RMSNorm):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, prefix: str = ""):
+        super().__init__(hidden_size, eps, unit_offset=True, prefix=prefix)
