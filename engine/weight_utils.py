@@ -159,3 +159,25 @@ def iterate_safetensors(ckpt_dir: str | os.PathLike, progress: bool | None = Non
     finally:
         if bar is not None:
             bar.stop()
+
+
+# Checkpoint tensors that are buffers HF recomputes, never parameters.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def is_ignored_checkpoint_key(name: str) -> bool:
+    return name.endswith(IGNORED_SUFFIXES)
+
+
+def stacked_param_name(name: str, stacked_params_mapping) -> tuple[str, object] | None:
+    """Route a checkpoint key into a fused parameter: for the first (param_name, shard_name, shard_id)
+    whose shard_name equals a whole dotted component of `name`, return (name with that component
+    replaced, shard_id); else None. Matching whole components (not substrings) means `q_proj` never
+    matches inside `qkv_proj`, so a name is never rewritten twice."""
+    parts = name.split(".")
+    for param_name, shard_name, shard_id in stacked_params_mapping:
+        shard, fused = shard_name.strip("."), param_name.strip(".")
+        if shard in parts:
+            i = parts.index(shard)
+            return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard_id
+    return None
