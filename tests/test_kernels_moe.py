@@ -10,7 +10,7 @@ from porter.kernels.moe_reference import moe_reference  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_problem(tokens, hidden, inter, experts, top_k, dtype=torch.float32, device="cpu", seed=0):
+def make_problem(tokens, hidden, inter, experts, top_k, dtype=torch.float32, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g)
     w13 = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5
@@ -25,6 +25,7 @@ def make_problem(tokens, hidden, inter, experts, top_k, dtype=torch.float32, dev
 def hand_loop(x, w13, w2, weights, ids):
     """Token by token, slot by slot: the definition of the MoE output, independent of both paths."""
     inter = w13.shape[1] // 2
+    x, w13, w2, weights, ids = (t.cpu() for t in (x, w13, w2, weights, ids))
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for k in range(ids.shape[1]):
@@ -58,7 +59,7 @@ def test_align_block_size_groups_rows_by_expert(block_m):
 def test_reference_matches_hand_loop():
     x, w13, w2, w, ids = make_problem(6, 24, 20, 5, 3, seed=1)
     ref = moe_reference(x, w13, w2, w, ids)
-    torch.testing.assert_close(ref.double(), hand_loop(x, w13, w2, w, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.double().cpu(), hand_loop(x, w13, w2, w, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
