@@ -1,0 +1,194 @@
+"""Paged decode attention with split-KV (flash-decoding), one query token per sequence.
+
+Stage 1: grid (num_seqs, num_kv_heads, num_splits). A program takes all query heads of one KV
+head (GQA/MQA: the KV is read once for the whole group) over one slice of the context, and writes
+the slice's normalised output and its log-sum-exp (base 2) in fp32.
+Stage 2: grid (num_seqs, num_q_heads) merges the slices (and the sink column, if any).
+
+The grid depends only on the batch size and num_splits (never on the context lengths, which are
+read on the device), so the launch is CUDA-graph capturable; splits past a sequence's context
+write an empty slice (lse = -inf).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from porter.kernels.triton_utils import INTERPRETED, LOG2E, next_pow2, tanh
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64  # KV tokens per tile
+    num_warps: int = 4
+    num_stages: int = 3
+    # splits are chosen so that num_seqs * num_kv_heads * num_splits >= this many programs
+    target_programs: int = 4 * 132
+    min_tokens_per_split: int = 256
+    max_splits: int = 32
+
+
+DEFAULT_CONFIG = DecodeConfig(block_n=16, num_warps=1, num_stages=1) if INTERPRETED else DecodeConfig()
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                      config: DecodeConfig = DEFAULT_CONFIG) -> int:
+    """Enough splits to fill the GPU, none shorter than min_tokens_per_split (host ints only)."""
+    want = triton.cdiv(config.target_programs, max(num_seqs * num_kv_heads, 1))
+    useful = triton.cdiv(max(max_seq_len, 1), config.min_tokens_per_split)
+    return max(1, min(want, useful, config.max_splits))
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr,
+    part_out_ptr, part_lse_ptr,
+    scale, soft_cap, window,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    q_pos = seq_len - 1
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    heads = kvh * GROUP + g
+    head_mask = g < GROUP
+    d = tl.arange(0, D_PAD)
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=head_mask[:, None] & d_mask[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=head_mask, other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_mask = pos < hi
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks
+                    + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
+                    + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if CAST_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_N]
+        if USE_SOFTCAP:
+            s = soft_cap * tanh(s / soft_cap)
+        if USE_ALIBI:
+            s += slopes[:, None] * (pos - q_pos).to(tl.float32)[None, :]
+        s = tl.where(p_mask[None, :], s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a visible key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    row = (seq * NUM_Q_HEADS + heads) * num_splits + split  # part_* are [num_seqs, Hq, splits(, D)]
+    tl.store(part_lse_ptr + row, lse, mask=head_mask)
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
+             mask=head_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr,
+    stride_ot, stride_oh,
+    NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, USE_SINKS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D_PAD)
+    row = (seq * NUM_Q_HEADS + h) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * LOG2E
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)  # empty sequence (graph padding): output zeros
+    w = tl.exp2(lse - m)
+    total = tl.sum(w, 0)
+    if USE_SINKS:
+        total += tl.exp2(sink - m)
+    parts = tl.load(part_out_ptr + (row + sp)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(sp < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_splits,
+                     sliding_window=None, logits_soft_cap=None, alibi_slopes=None, sinks=None,
+                     out=None, config: DecodeConfig = DEFAULT_CONFIG):
+    """q [B, Hq, D] (one token per sequence, the last of its context) -> out [B, Hq, D].
+
+    alibi_slopes and sinks are fp32 tensors [Hq] on q's device (or None)."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if hq % hkv:
+        raise ValueError(f"decode_attention: {hq} query heads are not a multiple of {hkv} KV heads")
+    if k_cache.shape[3] != d or q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("decode_attention: head sizes differ or the head dimension is not contiguous")
+    if out is None:
+        out = torch.empty_like(q)
+    if b == 0:
+        return out
+    group = hq // hkv
+    part_out = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
+    dummy = part_lse  # never read when the matching feature is off
+    _decode_split_kernel[(b, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        part_out, part_lse,
+        float(scale), float(logits_soft_cap or 0.0), int(sliding_window or 0),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
+        HEAD_DIM=d, D_PAD=max(16, next_pow2(d)), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
+        USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logits_soft_cap),
+        USE_ALIBI=alibi_slopes is not None, CAST_F32=INTERPRETED,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    _decode_reduce_kernel[(b, hq)](
+        part_out, part_lse, sinks if sinks is not None else dummy, out,
+        out.stride(0), out.stride(1),
+        NUM_Q_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits),
+        HEAD_DIM=d, D_PAD=next_pow2(d), USE_SINKS=sinks is not None,
+        num_warps=1 if INTERPRETED else 4,
+    )
+    return out

@@ -1,0 +1,58 @@
+"""RMSNorm and fused residual-add + RMSNorm, one program per row (HF Llama numerics: normalise in
+fp32, cast to the input dtype, then scale by the weight; the residual sum is rounded to the dtype)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from porter.kernels.triton_utils import INTERPRETED, next_pow2
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, stride_x, stride_r, stride_o,
+                     stride_nr, n, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    dtype = x.dtype
+    xf = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        summed = (xf + r).to(dtype)
+        tl.store(new_res_ptr + row * stride_nr + cols, summed, mask=mask)
+        xf = summed.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n + eps)
+    normed = (xf * rstd).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x, residual, weight, eps):
+    if x.shape[-1] != weight.shape[0] or x.stride(-1) != 1:
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} (last dim contiguous) does not match "
+                         f"weight {tuple(weight.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    n = x2.shape[1]
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    new_res = torch.empty_like(x2) if residual is not None else out
+    r2 = residual.reshape(-1, n) if residual is not None else x2
+    if residual is not None and r2.shape != x2.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, out, new_res, x2.stride(0), r2.stride(0), out.stride(0), new_res.stride(0),
+            n, float(eps), HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
+            num_warps=1 if INTERPRETED else min(16, max(4, next_pow2(n) // 512)),
+        )
+    return out.view(x.shape[:-1] + (n,)), new_res.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """-> (rms_norm(x + residual), x + residual), new tensors (inputs untouched)."""
+    return _launch(x, residual, weight, eps)
