@@ -1,0 +1,279 @@
+"""LLM: the offline generation API (vLLM's shape) over the scheduler, block manager and model runner.
+
+    llm = LLM(model="fixtures/tiny-llama")
+    outs = llm.generate(["The cat", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=16))
+
+The engine loop is synchronous: `generate` queues every prompt and steps until all are done
+(continuous batching happens inside: sequences join and leave the running batch every step).
+All model work goes through `self._runner_call(method, ...)`, the one seam where a multi-process
+tensor-parallel executor slots in for the in-process runner.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence as SequenceABC
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from porter.engine.block_manager import BlockManager
+from porter.engine.config import EngineConfig
+from porter.engine.model_runner import ModelRunner, StepInput
+from porter.engine.outputs import CompletionOutput, RequestOutput
+from porter.engine.sampling_params import SamplingParams
+from porter.engine.scheduler import Scheduler
+from porter.engine.sequence import Sequence
+from porter.engine.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
+
+DEFAULT_MAX_MODEL_LEN = 8192  # cap on the config's context length when max_model_len is not given
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StreamDelta:
+    """One step of `generate_stream`: the tokens generated in that step and their text."""
+    token_ids: list[int]
+    text: str
+    finished: bool
+    output: RequestOutput | None = None  # the full result, on the last delta
+
+
+def load_hf_config(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a HuggingFace checkpoint directory")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ValueError(f"could not read {model_dir / 'config.json'}: {type(e).__name__}: {e}") from e
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"unsupported device {device}: use cpu or cuda")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config, device: torch.device) -> torch.dtype:
+    """'auto': the checkpoint's dtype on CUDA, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        cfg = getattr(text_config, "dtype", None) or getattr(text_config, "torch_dtype", None)
+        if isinstance(cfg, torch.dtype):
+            return cfg
+        return _DTYPES.get(str(cfg).removeprefix("torch."), torch.float32) if cfg else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def resolve_max_model_len(hf_config, max_model_len: int | None) -> int:
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    names = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+    from_config = next((getattr(text_config, n) for n in names if isinstance(getattr(text_config, n, None), int)), None)
+    if max_model_len is None:
+        return min(from_config or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+    if from_config is not None and max_model_len > from_config:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length ({from_config})")
+    return max_model_len
+
+
+def resolve_attention_backend(name: str | None, device: torch.device) -> str:
+    if name is None:
+        if device.type != "cuda":
+            return "torch"
+        try:
+            import porter.engine.backends.triton_backend  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    if name not in ("torch", "triton"):
+        raise ValueError(f"unknown attention_backend {name!r}: use torch or triton")
+    return name
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path,
+        model_file: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        tensor_parallel_size: int = 1,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        seed: int = 0,
+        attention_backend: str | None = None,
+        enforce_eager: bool = False,
+        gpu_memory_utilization: float = 0.9,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        skip_tokenizer_init: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        if tensor_parallel_size != 1:
+            raise NotImplementedError(
+                f"tensor_parallel_size={tensor_parallel_size}: the engine runs on one device for now "
+                "(multi-GPU tensor parallelism is not wired into LLM yet)")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        model_dir = Path(model)
+        hf_config = load_hf_config(model_dir, trust_remote_code)
+        dev = resolve_device(device)
+        max_model_len = resolve_max_model_len(hf_config, max_model_len)
+        self.engine_config = EngineConfig(
+            hf_config=hf_config,
+            dtype=resolve_dtype(dtype, hf_config, dev),
+            device=dev,
+            tensor_parallel_size=tensor_parallel_size,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens or max(4096, max_num_seqs),
+            attention_backend=resolve_attention_backend(attention_backend, dev),
+            enable_prefix_caching=enable_prefix_caching,
+            num_kv_blocks=num_kv_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            seed=seed,
+        )
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(model_dir, trust_remote_code)
+        self.eos_token_ids = eos_token_ids(model_dir, hf_config, self.tokenizer)
+        self.runner = ModelRunner(engine_config=self.engine_config, model_path=model_dir, model_file=model_file)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=self.engine_config.max_num_batched_tokens,
+                                   max_model_len=max_model_len, eos_token_ids=self.eos_token_ids)
+        text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        self.vocab_size = getattr(text_config, "vocab_size", None)
+        self._seq_ids = itertools.count()
+        self._gone: list[int] = []  # finished sequence ids the runner has not been told about yet
+
+    def _runner_call(self, method: str, *args):
+        return getattr(self.runner, method)(*args)
+
+    def model_parameters(self):
+        return self.runner.model.parameters()
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompt given but the tokenizer was skipped (skip_tokenizer_init=True)")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return None, ids
+
+    def _new_sequence(self, prompt, params: SamplingParams) -> tuple[str | None, Sequence]:
+        text, ids = self._encode(prompt)
+        seq = Sequence(next(self._seq_ids), ids, params)
+        bad = [t for t in ids if t < 0 or (self.vocab_size is not None and t >= self.vocab_size)]
+        if bad:
+            seq.finish("error", f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        else:
+            self.scheduler.add(seq)
+        return text, seq
+
+    def _step(self) -> list[Sequence]:
+        batch = self.scheduler.schedule()
+        step = StepInput.from_batch(batch, self._gone)
+        try:
+            tokens, logprobs = self._runner_call("execute", step)
+        except BaseException:
+            self._gone.extend(s.seq_id for s in self.scheduler.abort_all("the model step failed"))
+            raise
+        self._gone = []
+        finished = self.scheduler.update(batch, tokens, logprobs)
+        self._gone.extend(s.seq_id for s in finished)
+        return finished
+
+    def _output(self, text: str | None, seq: Sequence) -> RequestOutput:
+        out_ids = seq.output_token_ids
+        decoded = self.tokenizer.decode(out_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        completion = CompletionOutput(0, decoded, out_ids, seq.logprobs, seq.finish_reason)
+        return RequestOutput(str(seq.seq_id), text, seq.prompt_token_ids, [completion], seq.is_finished,
+                             seq.error, seq.num_cached_tokens or 0)
+
+    # --- public API -----------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for each prompt (a string, a token-id list, or a list of either); outputs in input order."""
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("the engine already has requests in flight")
+        requests = [self._new_sequence(p, sp) for p, sp in zip(prompts, params_list)]
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="generate")
+        while self.scheduler.has_unfinished():
+            done = self._step()
+            if bar is not None:
+                bar.update(len(done))
+        if bar is not None:
+            bar.close()
+        return [self._output(text, seq) for text, seq in requests]
+
+    def generate_stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Generate for one prompt, yielding each step's new tokens and text as they come."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("the engine already has requests in flight")
+        text, seq = self._new_sequence(prompt, sampling_params or SamplingParams())
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids) if self.tokenizer is not None else None
+        seen = seq.num_prompt_tokens
+        try:
+            while True:
+                new = seq.token_ids[seen:]
+                seen = seq.num_tokens
+                text_delta = detok.add(new) if detok is not None and new else ""
+                if seq.is_finished:
+                    yield StreamDelta(new, text_delta, True, self._output(text, seq))
+                    return
+                if new:
+                    yield StreamDelta(new, text_delta, False)
+                self._step()
+        finally:  # the consumer stopped early: drop the request so the engine stays usable
+            if not seq.is_finished:
+                self._gone.extend(s.seq_id for s in self.scheduler.abort_all("stream closed"))
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, SequenceABC) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # one token-id prompt
+    if isinstance(prompts, SequenceABC):
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a token-id list, or a list of them; got {type(prompts).__name__}")

@@ -1,0 +1,201 @@
+"""ModelRunner: owns the model and its paged KV cache, and turns one scheduled step into tokens.
+
+Per step it flattens the scheduled sequences into `input_ids` / `positions` [num_tokens] plus one
+AttentionMetadata, runs the model inside the forward context, takes the hidden state of each sampling
+sequence's last token, computes logits and samples. Its input (`StepInput`) and output are plain
+picklable data, so a multi-process (tensor-parallel) executor can run one runner per rank and
+forward the same calls; the engine never touches the model directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from porter.engine.config import EngineConfig
+from porter.engine.forward_context import AttentionMetadata, set_forward_context
+from porter.engine.layers.attention import Attention
+from porter.engine.sampler import Sampler
+from porter.engine.sampling_params import SamplingParams
+from porter.engine.scheduler import ScheduledBatch
+
+CPU_KV_CACHE_BYTES = 1 << 30  # default CPU cache cap (always at least one max_model_len sequence)
+
+
+@dataclass
+class StepInput:
+    seq_ids: list[int]
+    new_token_ids: list[list[int]]  # the tokens each sequence computes this step
+    num_computed: list[int]  # tokens already in the cache (= position of the first new token)
+    block_tables: list[list[int]]
+    sample: list[bool]  # this sequence samples a token after this step
+    params: list[SamplingParams]  # one per sampling sequence, in batch order
+    finished_seq_ids: list[int]  # sequences gone since the last step (their sampler state is dropped)
+
+    @classmethod
+    def from_batch(cls, batch: ScheduledBatch, finished_seq_ids: list[int]) -> "StepInput":
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        sample = [batch.samples(i) for i in range(len(seqs))]
+        return cls(
+            seq_ids=[s.seq_id for s in seqs],
+            new_token_ids=[s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] for s, n in zip(seqs, counts)],
+            num_computed=[s.num_computed_tokens for s in seqs],
+            block_tables=[list(s.block_table) for s in seqs],
+            sample=sample,
+            params=[s.params for s, smp in zip(seqs, sample) if smp],
+            finished_seq_ids=list(finished_seq_ids),
+        )
+
+
+def load_engine_model(engine_config: EngineConfig, model_path: str | Path, model_file: str | Path | None) -> nn.Module:
+    """Resolve the architecture (from the registry, or a converted model file) and load its weights."""
+    from porter.engine.loader import load_model
+    from porter.engine.models.registry import ModelRegistry
+
+    if model_file is not None:
+        ModelRegistry.load_model_file(model_file)
+    model_class = ModelRegistry.resolve(getattr(engine_config.hf_config, "architectures", None) or [])
+    return load_model(engine_config, model_class, model_path)
+
+
+class ModelRunner:
+    def __init__(self, *, engine_config: EngineConfig, model_path: str | Path | None = None,
+                 model_file: str | Path | None = None, model: nn.Module | None = None):
+        """Load the model from `model_path` (or take a constructed `model`, already on the device)."""
+        self.config = engine_config
+        self.device = torch.device(engine_config.device)
+        if model is None:
+            if model_path is None:
+                raise ValueError("ModelRunner needs model_path or model")
+            model = load_engine_model(engine_config, model_path, model_file)
+        self.model = model.eval()
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if not self.attn_layers:
+            raise ValueError(f"{type(model).__name__} has no porter Attention layers: the engine cannot cache its K/V")
+        self.dtype = next(self.model.parameters()).dtype
+        self.block_size = engine_config.block_size
+        self.max_blocks_per_seq = -(-engine_config.max_model_len // self.block_size)
+        self.num_kv_blocks = self._decide_num_blocks()
+        self._allocate_kv_cache()
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(engine_config.seed))
+        self.generators: dict[int, torch.Generator] = {}  # seeded requests' own generators
+        self.graphs = None
+        if self.device.type == "cuda" and not engine_config.enforce_eager and engine_config.attention_backend == "triton":
+            from porter.engine.cuda_graphs import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(self.model, engine_config, self.max_blocks_per_seq)
+
+    # --- KV cache -----------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_size * elem for a in self.attn_layers)
+
+    def _decide_num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            if cfg.num_kv_blocks < 1:
+                raise ValueError(f"num_kv_blocks must be >= 1, got {cfg.num_kv_blocks}")
+            return cfg.num_kv_blocks
+        per_block = self._bytes_per_block()
+        if self.device.type == "cuda":
+            available = self._profile_available_bytes()
+            blocks = int(available // per_block)
+            if blocks < self.max_blocks_per_seq:
+                raise ValueError(
+                    f"only {max(blocks, 0)} KV blocks fit in GPU memory at gpu_memory_utilization="
+                    f"{cfg.gpu_memory_utilization} but one max_model_len ({cfg.max_model_len}) sequence needs "
+                    f"{self.max_blocks_per_seq}: raise gpu_memory_utilization or lower max_model_len")
+            return blocks
+        wanted = self.max_blocks_per_seq * cfg.max_num_seqs
+        return max(self.max_blocks_per_seq, min(wanted, CPU_KV_CACHE_BYTES // per_block))
+
+    @torch.inference_mode()
+    def _profile_available_bytes(self) -> int:
+        """GPU bytes left for the KV cache after the largest step's activations (one dummy forward)."""
+        cfg = self.config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = cfg.max_num_batched_tokens
+        lens = [min(cfg.max_model_len, n - s) for s in range(0, n, cfg.max_model_len)]
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(l, device=self.device) for l in lens])
+        with set_forward_context(AttentionMetadata.for_prefill(lens, device=self.device)):
+            hidden = self.model(ids, positions)
+        self.model.compute_logits(hidden[: min(n, cfg.max_num_seqs)])
+        torch.cuda.synchronize(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total * cfg.gpu_memory_utilization - (total - free) - activations)
+
+    def _allocate_kv_cache(self) -> None:
+        for layer in self.attn_layers:
+            shape = (self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
+            # zeros, not empty: never-written slots must stay finite for kernels that read whole blocks
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def _prepare(self, step: StepInput):
+        bs = self.block_size
+        ids, positions, slots, q_starts, seq_lens, sample_rows = [], [], [], [0], [], []
+        for toks, start, table, smp in zip(step.new_token_ids, step.num_computed, step.block_tables, step.sample):
+            ids.extend(toks)
+            end = start + len(toks)
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            q_starts.append(q_starts[-1] + len(toks))
+            seq_lens.append(end)
+            if smp:
+                sample_rows.append(q_starts[-1] - 1)
+        width = max(len(t) for t in step.block_tables)
+        tables = [t + [0] * (width - len(t)) for t in step.block_tables]
+        dev = self.device
+        q_lens = [len(t) for t in step.new_token_ids]
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(q_starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=q_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
+                meta, torch.tensor(sample_rows, dtype=torch.long, device=dev))
+
+    def _generators(self, step: StepInput, sampling_ids: list[int]) -> list[torch.Generator | None]:
+        for seq_id in step.finished_seq_ids:
+            self.generators.pop(seq_id, None)
+        gens = []
+        for seq_id, params in zip(sampling_ids, step.params):
+            if params.seed is None:
+                gens.append(None)
+                continue
+            if seq_id not in self.generators:
+                self.generators[seq_id] = torch.Generator(self.device).manual_seed(params.seed)
+            gens.append(self.generators[seq_id])
+        return gens
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> tuple[list[int], list[dict[int, float] | None]]:
+        """Run one step; returns the sampled token (and logprobs entry) of each sampling sequence."""
+        sampling_ids = [s for s, smp in zip(step.seq_ids, step.sample) if smp]
+        gens = self._generators(step, sampling_ids)
+        input_ids, positions, meta, sample_rows = self._prepare(step)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            with set_forward_context(meta):
+                hidden = self.model(input_ids, positions)
+        if not sampling_ids:
+            return [], []
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return self.sampler(logits, step.params, gens)

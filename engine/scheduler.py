@@ -1,0 +1,180 @@
+"""Continuous-batching scheduler: which sequences compute which tokens in the next step.
+
+Every step builds one mixed batch under two budgets, `max_num_batched_tokens` and `max_num_seqs`:
+first the running sequences (a decode is one token; a prefill still in progress gets its next chunk),
+oldest first, then waiting sequences in arrival order, admitted while their blocks fit (prefix-cache
+hits count as already computed). Long prompts are prefilled in chunks across steps. When a running
+sequence needs a block and none is free, the newest running sequence is preempted by recompute: its
+blocks are freed and it returns to the front of the waiting queue with its generated tokens kept.
+A request that could never fit (prompt not shorter than max_model_len, or more blocks than the cache
+holds) fails alone at admission, so any admitted sequence can always finish once it runs by itself.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from porter.engine.block_manager import BlockManager
+from porter.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # tokens each sequence computes this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Sequence i reaches its last token this step (its prefill finishes, or it decodes): it samples."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: set[int] | frozenset = frozenset(),
+    ):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> bool:
+        """Queue seq; a request that can never run is finished at once with an error (returns False)."""
+        error = self._admission_error(seq)
+        if error:
+            seq.finish("error", error)
+            return False
+        self.waiting.append(seq)
+        return True
+
+    def _admission_error(self, seq: Sequence) -> str | None:
+        n = seq.num_prompt_tokens
+        if n == 0:
+            return "empty prompt: at least one token is needed"
+        if n >= self.max_model_len:
+            return (f"prompt has {n} tokens but max_model_len is {self.max_model_len}: "
+                    f"it must be shorter to leave room for one generated token")
+        # K/V is stored for every token but the last generated one
+        kv_tokens = min(n + seq.params.max_tokens, self.max_model_len) - 1
+        need = self.block_manager.blocks_needed(kv_tokens)
+        if need > self.block_manager.num_blocks:
+            return (f"request needs {need} KV blocks ({kv_tokens} tokens) but the cache holds only "
+                    f"{self.block_manager.num_blocks}: raise num_kv_blocks or lower max_tokens / max_model_len")
+        return None
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        bm = self.block_manager
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        budget = self.max_num_batched_tokens
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_append(seq):
+                victim = self.running.pop()  # newest; never one already scheduled (those precede i)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                bm.append(seq)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+                i += 1
+
+        # no admissions in a step that had to preempt: the freed blocks go to the running sequences
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break
+            bm.allocate(seq)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+
+        if not seqs and self.has_unfinished():
+            raise RuntimeError("scheduler made no progress (no sequence could be scheduled): this is a bug")
+        return ScheduledBatch(seqs, counts)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[dict[int, float] | None] | None = None
+               ) -> list[Sequence]:
+        """Apply a step's results: `sampled[j]` is the token of the j-th sampling sequence of the batch.
+        Returns the sequences that finished."""
+        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        if len(sampling) != len(sampled):
+            raise ValueError(f"{len(sampled)} sampled tokens for {len(sampling)} sampling sequences")
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_computed_blocks(seq)
+        finished = []
+        for j, (seq, token) in enumerate(zip(sampling, sampled)):
+            seq.append_token(token, logprobs[j] if logprobs is not None else None)
+            reason = self._stop_reason(seq, token)
+            if reason:
+                seq.finish(reason)
+                self.running.remove(seq)
+                self.block_manager.free(seq)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if (not params.ignore_eos and token in self.eos_token_ids) or (
+            params.stop_token_ids and token in params.stop_token_ids
+        ):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def abort_all(self, reason: str) -> list[Sequence]:
+        """Fail every unfinished sequence (the model step raised): free their blocks."""
+        failed = []
+        for seq in list(self.running) + list(self.waiting):
+            if seq.block_table:
+                self.block_manager.free(seq)
+            seq.finish("error", reason)
+            failed.append(seq)
+        self.running.clear()
+        self.waiting.clear()
+        return failed

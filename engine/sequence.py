@@ -1,0 +1,69 @@
+"""Sequence: one request's tokens and its place in the KV cache, as the scheduler tracks it.
+
+`token_ids` holds the prompt followed by every generated token. `num_computed_tokens` of them have
+their K/V in the cache; the rest are computed by the next steps (one for a decode, a chunk for a
+prefill). Preemption by recompute just frees the blocks and sets `num_computed_tokens` back to 0:
+the generated tokens stay, so the re-prefill covers them too and nothing is lost.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from porter.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams):
+        self.seq_id = seq_id
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens: int | None = None  # prompt tokens hit in the prefix cache, first admission
+        self.num_preemptions = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids, in order
+        self.num_hashed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.generator: torch.Generator | None = None  # set by the engine for seeded requests
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        self.token_ids.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs or {})
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error
