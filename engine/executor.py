@@ -168,10 +168,14 @@ class MultiprocExecutor:
         ]
 
     def _fail_dead(self, when: str):
+        # A dead worker's pipe reads EOF a moment before the process can be reaped: wait for it.
+        deadline = time.monotonic() + 2.0
+        while not self._dead_workers() and time.monotonic() < deadline:
+            wait([p.sentinel for p in self._procs], 0.1)
         dead = self._dead_workers()
         self.shutdown()
         raise WorkerDiedError(
-            f"tensor-parallel worker {', '.join(dead) or 'pipe closed'} {when}; "
+            f"tensor-parallel worker {', '.join(dead) or 'closed its pipe'} (noticed {when}); "
             "the engine cannot continue with a missing shard and has stopped its other workers"
         )
 
