@@ -1,0 +1,80 @@
+"""Where the engine model under test comes from: a given file, a fresh conversion, or the registry.
+
+By default verify converts the architecture's HF modeling file (the checkpoint's own auto_map code, or
+the transformers module of its model type) with porter convert, so a verify run checks the converter.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+from porter.verify.errors import VerifyInputError
+
+
+@dataclass
+class ModelSource:
+    model_file: Path | None  # None: the registry's built-in class
+    label: str  # for the report: "file:...", "converted:...", "registry"
+
+
+def hf_modeling_file(ckpt: Path, hf_config: PretrainedConfig) -> Path:
+    """The HF modeling file that defines the checkpoint's architecture."""
+    auto_map = json.loads((ckpt / "config.json").read_text()).get("auto_map", {})
+    if "AutoModelForCausalLM" in auto_map:
+        ref = auto_map["AutoModelForCausalLM"]
+        ref = ref[0] if isinstance(ref, list) else ref
+        if "--" in ref:
+            raise VerifyInputError(f"auto_map points at another repository ({ref}); verify reads local code only")
+        path = ckpt / f"{ref.rsplit('.', 1)[0]}.py"
+        if not path.is_file():
+            raise VerifyInputError(f"config.json auto_map names {ref} but {path} does not exist")
+        return path
+    model_type = hf_config.model_type
+    spec = importlib.util.find_spec(f"transformers.models.{model_type.replace('-', '_')}.modeling_{model_type.replace('-', '_')}")
+    if spec is None or spec.origin is None:
+        raise VerifyInputError(f"transformers has no modeling file for model type {model_type!r}")
+    return Path(spec.origin)
+
+
+def converted_model_file(ckpt: Path, hf_config: PretrainedConfig, work_dir: Path) -> Path:
+    """Convert the architecture's modeling file into `work_dir` and return the engine model file."""
+    from porter.convert import convert_file  # imported late: the converter is optional for verify
+
+    source = hf_modeling_file(ckpt, hf_config)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    dest = work_dir / f"{source.stem.replace('modeling_', '')}_engine.py"
+    try:
+        result = convert_file(source, dest)
+    except Exception as exc:  # noqa: BLE001 - a conversion failure is the verdict on this architecture
+        raise VerifyInputError(f"porter convert failed on {source}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(result, str) and not dest.exists():
+        dest.write_text(result)
+    # custom code: the converted file may import its sibling configuration module
+    if source.parent == ckpt:
+        for sibling in ckpt.glob("configuration_*.py"):
+            shutil.copy(sibling, work_dir / sibling.name)
+    return dest
+
+
+def choose(ckpt: Path, hf_config: PretrainedConfig, model_file: Path | None, builtin: bool, work_dir: Path,
+           notes: list[str]) -> ModelSource:
+    if model_file is not None:
+        return ModelSource(model_file, f"file:{model_file}")
+    if builtin:
+        return ModelSource(None, "registry")
+    try:
+        import porter.convert as convert_pkg
+
+        has_converter = callable(getattr(convert_pkg, "convert_file", None))
+    except ImportError:
+        has_converter = False
+    if not has_converter:
+        notes.append("porter convert is not available: verified the registry's built-in engine model instead")
+        return ModelSource(None, "registry")
+    dest = converted_model_file(ckpt, hf_config, work_dir)
+    return ModelSource(dest, f"converted:{hf_modeling_file(ckpt, hf_config).name}")

@@ -1,0 +1,119 @@
+"""`verify(options) -> Report`: the whole parity run, HF reference against the engine, same weights."""
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from porter.verify import checkpoint, engine_side, reference
+from porter.verify.compare import Check, check_greedy, check_prefill
+from porter.verify.errors import VerifyInputError
+from porter.verify.localise import localise
+from porter.verify.model_source import choose
+from porter.verify.prompts import make_prompts
+from porter.verify.report import Report
+from porter.verify.tiny import make_tiny_checkpoint
+from porter.verify.weights import load_with_report
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class VerifyOptions:
+    target: str
+    model_file: Path | None = None
+    tiny: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompts: int = 4
+    max_tokens: int = 8
+    atol: float = 2e-3
+    num_logprobs: int = 5
+    seed: int = 0
+    builtin: bool = False  # test the registry's engine model instead of converting
+    always_localise: bool = False
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def verify(opts: VerifyOptions) -> Report:
+    if opts.dtype not in DTYPES:
+        raise VerifyInputError(f"--dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
+    if opts.max_tokens < 1:
+        raise VerifyInputError("--max-tokens must be at least 1")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise VerifyInputError(f"--device {opts.device}: CUDA is not available here")
+    _quiet_transformers()
+    with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
+        start = time.perf_counter()
+        if opts.tiny:
+            ckpt = make_tiny_checkpoint(opts.target, Path(tmp) / "tiny", seed=opts.seed)
+        else:
+            ckpt = checkpoint.check_dir(opts.target)
+        report = _run(opts, ckpt, Path(tmp))
+        report.seconds = time.perf_counter() - start
+        return report
+
+
+def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
+    dtype, device = DTYPES[opts.dtype], opts.device
+    low_precision = dtype != torch.float32
+    hf_config = checkpoint.load_config(ckpt)
+    notes: list[str] = []
+    source = choose(ckpt, hf_config, opts.model_file, opts.builtin, tmp / "converted", notes)
+    prompts = make_prompts(opts.prompts, hf_config.vocab_size, opts.seed)
+    report = Report(
+        target=opts.target, checkpoint=str(ckpt), architecture=",".join(hf_config.architectures or ["?"]),
+        engine_model=source.label, dtype=opts.dtype, device=device,
+        prompt_lengths=[len(p) for p in prompts], max_tokens=opts.max_tokens, notes=notes,
+    )
+
+    # engine model, built and loaded directly: the weight report and the prefill logits
+    cls = engine_side.resolve_model_class(hf_config, source.model_file)
+    engine_model = engine_side.build_model(cls, hf_config, dtype, device)
+    report.weights = load_with_report(engine_model, ckpt)
+    hf_model = reference.load_hf_model(ckpt, dtype, device)
+    hf_logits = reference.prefill_logits(hf_model, prompts, device)
+    hf_fp32_logits = None
+    if low_precision:
+        hf_fp32 = reference.load_hf_model(ckpt, torch.float32, device)
+        hf_fp32_logits = reference.prefill_logits(hf_fp32, prompts, device)
+        del hf_fp32
+    try:
+        engine_logits = engine_side.prefill_logits(engine_model, prompts, device)
+        report.checks.append(check_prefill(engine_logits, hf_logits, low_precision=low_precision, atol=opts.atol,
+                                           hf_fp32=hf_fp32_logits))
+    except Exception as exc:  # noqa: BLE001 - a crashing engine model is a parity failure, reported
+        report.checks.append(Check("prefill_logits", False, {}, _describe(exc)))
+
+    # greedy decoding: HF step by step, the engine through LLM with every prompt in one batch
+    hf_greedy = reference.greedy(hf_model, prompts, opts.max_tokens, device)
+    try:
+        engine_greedy = engine_side.greedy(ckpt, source.model_file, dtype, device, prompts, opts.max_tokens,
+                                           opts.num_logprobs)
+        report.checks.extend(check_greedy(engine_greedy, hf_greedy, low_precision=low_precision, atol=opts.atol,
+                                          num_logprobs=opts.num_logprobs))
+    except Exception as exc:  # noqa: BLE001
+        report.checks.append(Check("greedy_tokens", False, {}, f"engine LLM failed: {_describe(exc)}"))
+
+    if opts.always_localise or not report.passed:
+        try:
+            report.localisation = localise(engine_model, hf_model, prompts, device, dtype)
+        except Exception as exc:  # noqa: BLE001 - localisation is best effort on top of the verdict
+            notes.append(f"localisation failed: {_describe(exc)}")
+    return report
+
+
+def _describe(exc: Exception) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+    return f"{type(exc).__name__}: {exc}{at}".replace("\n", " ")

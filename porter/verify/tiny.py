@@ -1,0 +1,124 @@
+"""A tiny random checkpoint from any causal-LM config class, for `porter verify --tiny`.
+
+The config keeps the architecture's features (GQA or MHA, sliding windows, mixed layer types, MoE,
+biases, tying) at toy sizes. Every parameter is then perturbed away from its initial value: HF inits
+norm weights to 1 and biases to 0, which would hide a dropped bias or a wrong `1 + w` norm offset.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from porter.verify.errors import VerifyInputError
+
+HIDDEN, HEADS, HEAD_DIM, LAYERS, VOCAB, MAX_POS = 64, 4, 16, 2, 256, 512
+SLIDING_WINDOW = 8  # shorter than the verify prompts, so the window is exercised
+
+# attribute -> tiny value; only attributes the config already has are touched
+_SIZES = {
+    "hidden_size": HIDDEN,
+    "intermediate_size": 2 * HIDDEN,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "head_dim": HEAD_DIM,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": MAX_POS,
+    "moe_intermediate_size": HIDDEN // 2,
+    "shared_expert_intermediate_size": HIDDEN,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+}
+
+
+def load_config(spec: str) -> tuple[PretrainedConfig, Path | None]:
+    """A model type (`llama`) or a config path (config.json or a directory holding one).
+    Returns the config and, for custom `auto_map` configs, the directory holding their code."""
+    path = Path(spec)
+    if path.exists():
+        config_dir = path if path.is_dir() else path.parent
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise VerifyInputError(f"{path} has no config.json")
+        raw = json.loads((config_dir / "config.json" if path.is_dir() else path).read_text())
+        custom = "auto_map" in raw
+        try:
+            config = AutoConfig.from_pretrained(
+                str(path if path.is_dir() else path), trust_remote_code=custom, local_files_only=True
+            )
+        except Exception as exc:  # noqa: BLE001 - surface the config error to the user
+            raise VerifyInputError(f"cannot read the config at {path}: {exc}") from exc
+        return config, (config_dir if custom else None)
+    try:
+        return AutoConfig.for_model(spec), None
+    except ValueError as exc:
+        raise VerifyInputError(
+            f"{spec!r} is neither a path nor a transformers model type (e.g. llama, qwen3, mistral)"
+        ) from exc
+
+
+def shrink_config(config: PretrainedConfig) -> PretrainedConfig:
+    """Toy sizes, same features. Mutates and returns `config`."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    for name, value in _SIZES.items():
+        if getattr(config, name, None) is not None:
+            setattr(config, name, value)
+    if kv_heads is not None and heads:
+        # keep the attention kind: MHA stays MHA, MQA stays MQA, GQA becomes 2 groups of 2
+        setattr(config, "num_key_value_heads", HEADS if kv_heads == heads else 1 if kv_heads == 1 else HEADS // 2)
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = SLIDING_WINDOW
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        kinds = list(dict.fromkeys(layer_types))  # every kind once, in order of first appearance
+        n = max(LAYERS, len(kinds))
+        config.num_hidden_layers = n
+        config.layer_types = (kinds * n)[:n]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = getattr(config, name, None)
+        if isinstance(ids, int) and ids >= VOCAB:
+            setattr(config, name, VOCAB - 1)
+        elif isinstance(ids, list):
+            setattr(config, name, [i if i < VOCAB else VOCAB - 1 for i in ids])
+    config.use_cache = True
+    return config
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Matrices get fresh N(0, 1/fan_in) values (activations keep unit scale); vectors and scalars
+    (norm weights, biases, per-head scales) move by N(0, 0.3) off their init, so 1s and 0s vanish."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        if param.dim() >= 2:
+            param.copy_(noise / param.shape[-1] ** 0.5)
+        else:
+            param.add_(0.3 * noise.to(param.dtype))
+
+
+def make_tiny_checkpoint(spec: str, out_dir: str | Path, *, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """Write a tiny perturbed fp32 checkpoint for `spec` (model type or config path) to `out_dir`."""
+    config, code_dir = load_config(spec)
+    shrink_config(config)
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=code_dir is not None, dtype=torch.float32)
+    except ValueError as exc:
+        raise VerifyInputError(f"{spec!r} has no causal-LM model class: {exc}") from exc
+    perturb_(model, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    if code_dir is not None:  # custom code travels with the checkpoint (auto_map points at it)
+        for src in code_dir.glob("*.py"):
+            if not (out / src.name).exists():
+                shutil.copy(src, out / src.name)
+    return out
