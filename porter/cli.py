@@ -10,6 +10,7 @@ app = typer.Typer(
 from porter.commands import run as _run  # noqa: E402
 
 _run.register(app)
+from porter.commands import verify as _verify; _verify.register(app)  # noqa: E402,E702
 
 if __name__ == "__main__":  # pragma: no cover
     app()

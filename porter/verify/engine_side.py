@@ -6,12 +6,14 @@ no scheduler), so a logits difference is the model's, not the runtime's. Greedy 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
 
+from porter.verify.checkpoint import is_custom
 from porter.verify.errors import VerifyInputError
 
 
@@ -48,20 +50,38 @@ def engine_config(hf_config: PretrainedConfig, dtype: torch.dtype, device: str):
 
 
 def build_model(cls: type, hf_config: PretrainedConfig, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """Construct the model as the contract says: inside the engine-config context, with the model dtype as
-    torch's default dtype and the target device as the default device."""
-    from porter.engine.config import set_current_engine_config
+    """Construct the model through the engine loader (engine-config context, model dtype as default dtype,
+    target device as default device); weights are loaded separately, key by key (weights.py)."""
+    from porter.engine import loader
 
     cfg = engine_config(hf_config, dtype, device)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with set_current_engine_config(cfg), torch.device(device):
-            model = cls(engine_config=cfg, prefix="")
-    finally:
-        torch.set_default_dtype(previous)
+    model = loader.build_model(cfg, cls)
     model.engine_config = cfg
     return model.eval()
+
+
+def finish_loading(model: torch.nn.Module) -> None:
+    """The loader's post-load step: modules that repack weights once loaded."""
+    for module in model.modules():
+        hook = getattr(module, "process_weights_after_loading", None)
+        if callable(hook):
+            hook()
+
+
+@contextmanager
+def registry_snapshot():
+    """Model files register their classes globally by name; undo that when verify is done, so a faulty
+    file under test cannot replace the built-in class for the rest of the process."""
+    from porter.engine.models.registry import ModelRegistry
+
+    models, explicit = dict(ModelRegistry._models), set(ModelRegistry._explicit)
+    try:
+        yield
+    finally:
+        ModelRegistry._models.clear()
+        ModelRegistry._models.update(models)
+        ModelRegistry._explicit.clear()
+        ModelRegistry._explicit.update(explicit)
 
 
 def flat_batch(prompts: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +113,9 @@ def greedy(
 
     llm = LLM(
         model=str(ckpt), model_file=str(model_file) if model_file else None,
-        dtype=str(dtype).removeprefix("torch."), device=device,
+        dtype=dtype, device=device, max_num_seqs=max(len(prompts), 1),
         max_model_len=max(len(p) for p in prompts) + max_tokens + 16,
+        skip_tokenizer_init=True, trust_remote_code=is_custom(ckpt),
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=num_logprobs, ignore_eos=True)
     outputs = llm.generate([list(p) for p in prompts], params)

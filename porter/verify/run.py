@@ -4,6 +4,7 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from porter.verify.report import Report
 from porter.verify.tiny import make_tiny_checkpoint
 from porter.verify.weights import load_with_report
 
+SMALL_MODEL_BYTES = 64 * 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,6 +47,20 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@contextmanager
+def _cpu_threads(device: str, ckpt: Path):
+    """One intra-op thread for small models on CPU: their matmuls are microseconds, and thread
+    hand-offs (worse on a loaded machine) cost more than that, 100x more measured on 2 busy cores."""
+    small = sum(f.stat().st_size for f in checkpoint.safetensors_files(ckpt)) < SMALL_MODEL_BYTES
+    previous = torch.get_num_threads()
+    if device == "cpu" and small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def verify(opts: VerifyOptions) -> Report:
     if opts.dtype not in DTYPES:
         raise VerifyInputError(f"--dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
@@ -59,7 +75,8 @@ def verify(opts: VerifyOptions) -> Report:
             ckpt = make_tiny_checkpoint(opts.target, Path(tmp) / "tiny", seed=opts.seed)
         else:
             ckpt = checkpoint.check_dir(opts.target)
-        report = _run(opts, ckpt, Path(tmp))
+        with engine_side.registry_snapshot(), _cpu_threads(opts.device, ckpt):
+            report = _run(opts, ckpt, Path(tmp))
         report.seconds = time.perf_counter() - start
         return report
 
@@ -81,6 +98,7 @@ def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
     cls = engine_side.resolve_model_class(hf_config, source.model_file)
     engine_model = engine_side.build_model(cls, hf_config, dtype, device)
     report.weights = load_with_report(engine_model, ckpt)
+    engine_side.finish_loading(engine_model)
     hf_model = reference.load_hf_model(ckpt, dtype, device)
     hf_logits = reference.prefill_logits(hf_model, prompts, device)
     hf_fp32_logits = None
