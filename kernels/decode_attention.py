@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import INTERPRETED, LOG2E, next_pow2, tanh
+from porter.kernels.triton_utils import INTERPRETED, LOG2E, dot_precision, next_pow2, tanh
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _decode_split_kernel(
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    CAST_F32: tl.constexpr,
+    CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -98,7 +98,7 @@ def _decode_split_kernel(
         if CAST_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
         if USE_SOFTCAP:
             s = soft_cap * tanh(s / soft_cap)
         if USE_ALIBI:
@@ -108,7 +108,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     nonempty = l_i > 0
@@ -181,7 +181,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
         NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=d, D_PAD=max(16, next_pow2(d)), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logits_soft_cap),
-        USE_ALIBI=alibi_slopes is not None, CAST_F32=INTERPRETED,
+        USE_ALIBI=alibi_slopes is not None, CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _decode_reduce_kernel[(b, hq)](

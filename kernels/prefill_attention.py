@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import INTERPRETED, LOG2E, next_pow2, tanh
+from porter.kernels.triton_utils import INTERPRETED, LOG2E, dot_precision, next_pow2, tanh
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    USE_SINKS: tl.constexpr, CAST_F32: tl.constexpr,
+    USE_SINKS: tl.constexpr, CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     seq = tl.program_id(1)
@@ -96,7 +96,7 @@ def _prefill_kernel(
         if CAST_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
         if USE_SOFTCAP:
             s = soft_cap * tanh(s / soft_cap)
         if USE_ALIBI:
@@ -110,7 +110,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -155,7 +155,8 @@ def prefill_attention(q, k, v, query_start_loc, seq_lens, block_tables, max_quer
         GROUP=hq // hkv, HEAD_DIM=d, D_PAD=max(16, next_pow2(d)),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_SIZE=block_size, PAGED=paged,
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logits_soft_cap),
-        USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, CAST_F32=INTERPRETED,
+        USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
+        CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

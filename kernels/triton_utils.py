@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -23,3 +24,8 @@ def tanh(x):
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def dot_precision(dtype) -> str:
+    """fp32 inputs get exact fp32 dots (Triton's default for them is tf32, ~1e-3 off)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
