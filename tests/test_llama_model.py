@@ -102,3 +102,34 @@ def test_stacked_mapping_matches_whole_components():
     assert stacked_param_name("model.layers.0.self_attn.qkv_proj.weight", mapping) is None  # no qkqkv_proj
     assert stacked_param_name("model.layers.0.mlp.up_proj.bias", mapping) == ("model.layers.0.mlp.gate_up_proj.bias", 1)
     assert stacked_param_name("model.layers.0.mlp.gate_up_proj.weight", mapping) is None
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])  # kv heads split, and one kv head replicated on both ranks
+def test_tp2_rank_shards_of_llama(kv_heads):
+    from porter.engine.distributed import tp_override
+
+    config = tiny_config(kv_heads, False)
+    hf, _ = build_pair(config)
+    state = hf.state_dict()
+    hd = 16
+    for r in range(2):
+        with tp_override(r, 2), set_current_engine_config(EngineConfig(hf_config=config)):
+            ours = LlamaForCausalLM(engine_config=EngineConfig(hf_config=config))
+        ours.load_weights(state.items())
+        attn = ours.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (2, 1 if kv_heads <= 2 else kv_heads // 2)
+        assert (attn.attn.num_heads, attn.attn.num_kv_heads) == (attn.num_heads, attn.num_kv_heads)
+        q, k, v = attn.qkv_proj.weight.split([attn.q_size, attn.kv_size, attn.kv_size])
+        pre = "model.layers.0.self_attn."
+        kv_rank = r if kv_heads == 2 else 0
+        torch.testing.assert_close(q, state[pre + "q_proj.weight"][r * 2 * hd:(r + 1) * 2 * hd], rtol=0, atol=0)
+        torch.testing.assert_close(k, state[pre + "k_proj.weight"][kv_rank * hd:(kv_rank + 1) * hd], rtol=0, atol=0)
+        torch.testing.assert_close(v, state[pre + "v_proj.weight"][kv_rank * hd:(kv_rank + 1) * hd], rtol=0, atol=0)
+        torch.testing.assert_close(attn.o_proj.weight, state[pre + "o_proj.weight"][:, r * 32:(r + 1) * 32],
+                                   rtol=0, atol=0)
+        gate, up = ours.model.layers[0].mlp.gate_up_proj.weight.chunk(2)
+        mlp = "model.layers.0.mlp."
+        torch.testing.assert_close(gate, state[mlp + "gate_proj.weight"][r * 48:(r + 1) * 48], rtol=0, atol=0)
+        torch.testing.assert_close(up, state[mlp + "up_proj.weight"][r * 48:(r + 1) * 48], rtol=0, atol=0)
+        rows = state["lm_head.weight"][r * 64:(r + 1) * 64]
+        torch.testing.assert_close(ours.lm_head.weight[: rows.shape[0]], rows, rtol=0, atol=0)

@@ -110,3 +110,32 @@ def test_bad_index_file(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointFormatError, match="not a valid safetensors index"):
         list(iterate_safetensors(tmp_path))
+
+
+def test_progress_bar_for_sharded_or_large(tmp_path, hf_model, monkeypatch):
+    import rich.progress
+
+    from porter.engine import weight_utils
+
+    seen = []
+
+    class Recorder(rich.progress.Progress):
+        def advance(self, task, advance=1):
+            seen.append(advance)
+            super().advance(task, advance)
+
+    monkeypatch.setattr(rich.progress, "Progress", Recorder)
+    tensors = state(hf_model)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    list(iterate_safetensors(tmp_path))  # small single file: no bar
+    assert seen == []
+    monkeypatch.setattr(weight_utils, "PROGRESS_MIN_BYTES", 1)
+    list(iterate_safetensors(tmp_path))
+    assert seen == [(tmp_path / "model.safetensors").stat().st_size]
+    seen.clear()
+    monkeypatch.setattr(weight_utils, "PROGRESS_MIN_BYTES", 10 ** 12)
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    write_sharded(shards, tensors, 2)
+    list(iterate_safetensors(shards))  # several shards: a bar, advanced per shard
+    assert len(seen) == 2
