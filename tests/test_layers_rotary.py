@@ -18,6 +18,7 @@ ROPES = {
     "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
                  "short_factor": [1.0 + 0.1 * i for i in range(HD // 2)],
                  "long_factor": [2.0 + 0.3 * i for i in range(HD // 2)]},
+    "proportional": {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
 }
 
 
@@ -104,6 +105,8 @@ def test_cache_extends_past_max_position():
 
 
 def test_bad_parameters():
+    with pytest.raises(ValueError, match="nested by layer type"):
+        get_rope(HD, MAXPOS, rope_parameters={"full_attention": {"rope_theta": 1e6}, "sliding_attention": {}})
     with pytest.raises(ValueError, match="unknown rope_type 'nope'"):
         get_rope(HD, MAXPOS, rope_parameters={"rope_type": "nope", "rope_theta": 1.0})
     with pytest.raises(ValueError, match="partial_rotary_factor"):

@@ -111,6 +111,9 @@ def get_rope(head_size: int, max_position: int, is_neox_style: bool = True, rope
     """A (shared, cached) rotary module. `rope_parameters` is transformers 5's dict: rope_type,
     rope_theta, partial_rotary_factor and the type's scaling keys."""
     params = dict(rope_parameters or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"rope_parameters is nested by layer type ({', '.join(params)}); pass the entry for this "
+                         "layer, e.g. config.rope_parameters[config.layer_types[layer_idx]]")
     rope_type = params.get("rope_type", params.get("type", "default"))
     params.setdefault("rope_type", rope_type)
     params.setdefault("rope_theta", 10000.0)
@@ -132,6 +135,8 @@ def get_rope(head_size: int, max_position: int, is_neox_style: bool = True, rope
         inv_freq, scaling = _default_inv_freq(rotary_dim, float(params["rope_theta"])), 1.0
     else:
         inv_freq, scaling = _hf_rope_init(rope_type, head_size, max_position, params)
+        if not params.get("rope_dim"):  # trust HF's width: "proportional" rotates all dims, some at frequency 0
+            rotary_dim = 2 * inv_freq.numel()
         if rope_type == "longrope":
             long_from = int(params["original_max_position_embeddings"])
             long_inv_freq, _ = _hf_rope_init(rope_type, head_size, max_position, params, seq_len=long_from + 1)
