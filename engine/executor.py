@@ -15,8 +15,10 @@ rendezvous TCPStore lives in this process on a port the OS picks, so there is no
 from __future__ import annotations
 
 import signal
+import sys
 import time
 import weakref
+from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
@@ -92,6 +94,15 @@ class MultiprocExecutor:
         self._store = dist.TCPStore(STORE_HOST, 0, is_master=True, wait_for_workers=False)
         ctx = mp.get_context("spawn")
         self._procs, self._conns = [], []
+        # A factory from the caller's script needs that script re-imported in each worker.
+        from_main = getattr(runner_factory, "__module__", None) == "__main__"
+        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
+        with nullcontext() if from_main else _main_module_hidden():
+            self._start(ctx, engine_config, runner_factory, runner_kwargs, backend, startup_timeout_s)
+        self._collect(range(tp), startup_timeout_s, "start-up")
+
+    def _start(self, ctx, engine_config, runner_factory, runner_kwargs, backend, startup_timeout_s):
+        tp = self.world_size
         for rank in range(tp):
             spec = WorkerSpec(
                 rank, tp, STORE_HOST, self._store.port, backend, engine_config,
@@ -103,8 +114,6 @@ class MultiprocExecutor:
             theirs.close()
             self._procs.append(proc)
             self._conns.append(ours)
-        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
-        self._collect(range(tp), startup_timeout_s, "start-up")
 
     # -- calls ------------------------------------------------------------------------------------
     def collective_rpc(self, method: str | Callable, *args, **kwargs) -> list:
@@ -195,6 +204,25 @@ class MultiprocExecutor:
     @property
     def alive(self) -> bool:
         return self._finalizer.alive
+
+
+@contextmanager
+def _main_module_hidden():
+    """Spawn re-runs the caller's `__main__` in every child before the target starts, so a script
+    calling LLM(tensor_parallel_size=N) without an `if __name__ == "__main__":` guard would start
+    workers from its workers. Ours need nothing from `__main__` (their code is in porter.engine):
+    hide it while the children are launched (spawn reads it in Process.start)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 def _stop_workers(procs, conns, grace_s: float = 5.0) -> None:
