@@ -19,7 +19,7 @@ import torch
 
 from porter.engine.block_manager import BlockManager
 from porter.engine.config import EngineConfig
-from porter.engine.model_runner import ModelRunner, StepInput
+from porter.engine.model_runner import ModelRunner, StepInput, resolve_model_class
 from porter.engine.outputs import CompletionOutput, RequestOutput
 from porter.engine.sampling_params import SamplingParams
 from porter.engine.scheduler import Scheduler
@@ -156,6 +156,7 @@ class LLM:
             enforce_eager=enforce_eager,
             seed=seed,
         )
+        resolve_model_class(hf_config, model_file)  # an unknown architecture fails before anything loads
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(model_dir, trust_remote_code)
         self.eos_token_ids = eos_token_ids(model_dir, hf_config, self.tokenizer)
         self.runner = ModelRunner(engine_config=self.engine_config, model_path=model_dir, model_file=model_file)

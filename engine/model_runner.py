@@ -49,15 +49,19 @@ class StepInput:
         )
 
 
-def load_engine_model(engine_config: EngineConfig, model_path: str | Path, model_file: str | Path | None) -> nn.Module:
-    """Resolve the architecture (from the registry, or a converted model file) and load its weights."""
-    from porter.engine.loader import load_model
+def resolve_model_class(hf_config, model_file: str | Path | None) -> type[nn.Module]:
+    """The engine class for the config's architectures (registering a converted model file first)."""
     from porter.engine.models.registry import ModelRegistry
 
     if model_file is not None:
         ModelRegistry.load_model_file(model_file)
-    model_class = ModelRegistry.resolve(getattr(engine_config.hf_config, "architectures", None) or [])
-    return load_model(engine_config, model_class, model_path)
+    return ModelRegistry.resolve(getattr(hf_config, "architectures", None) or [])
+
+
+def load_engine_model(engine_config: EngineConfig, model_path: str | Path, model_file: str | Path | None) -> nn.Module:
+    from porter.engine.loader import load_model
+
+    return load_model(engine_config, resolve_model_class(engine_config.hf_config, model_file), model_path)
 
 
 class ModelRunner:
