@@ -38,6 +38,7 @@ class CudaGraphRunner:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
         self._capture()
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -84,4 +85,5 @@ class CudaGraphRunner:
             self.seq_lens[n:size].fill_(1)
             self.block_tables[n:size].zero_()
         self.graphs[size].replay()
+        self.num_replays += 1
         return self.outputs[size][:n]

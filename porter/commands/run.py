@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
         n_out = len(final.outputs[0].token_ids)
         out.print(f"[dim]prompt tokens: {len(final.prompt_token_ids)}, generated tokens: {n_out}, "
                   f"{n_out / elapsed:.1f} tokens/s, finish: {final.outputs[0].finish_reason} "
-                  f"({llm.engine_config.device}, {str(llm.engine_config.dtype).removeprefix('torch.')})[/dim]")
+                  f"({llm.engine_config.device}, {str(llm.engine_config.dtype).removeprefix('torch.')})[/dim]",
+                  soft_wrap=True)
 
 
 def _describe(e: Exception) -> str:
