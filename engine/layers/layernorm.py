@@ -21,7 +21,8 @@ class RMSNorm(nn.Module):
         if has_weight:
             self.weight = make_param((hidden_size,), dtype or torch.get_default_dtype(),
                                      f"{prefix}.weight" if prefix else "weight", default_weight_loader)
-            nn.init.zeros_(self.weight) if unit_offset else nn.init.ones_(self.weight)
+            with torch.no_grad():
+                self.weight.fill_(0.0 if unit_offset else 1.0)  # identity norm until loaded
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
