@@ -46,7 +46,7 @@ def pick_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
         return MoEConfig(32, 64, 128, 64, 128, num_warps=4, num_stages=3)
     if rows <= 256:
         return MoEConfig(64, 64, 64, 128, 64, num_warps=4, num_stages=4)
-    return MoEConfig(128, 64, 64, 128, 64, num_warps=4, num_stages=4)
+    return MoEConfig(128, 128, 64, 128, 64, num_warps=8, num_stages=3)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int):
@@ -54,28 +54,57 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int)
 
     Returns (sorted_ids [P], block_expert [P // block_m], num_padded [1]) where P is an upper bound
     of the padded length: sorted_ids holds flat indices t*K+k (padding = T*K), block_expert the expert
-    of each block, num_padded the real padded length. No host synchronisation.
+    of each block, num_padded the real padded length. Entries past num_padded are left unset (the
+    GEMM kernels stop there). One launch, no host synchronisation: CUDA-graph safe.
     """
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    flat = topk_ids.reshape(-1)
     n = flat.numel()
-    dev = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    padded_start = padded_end - padded
-    start = torch.cumsum(counts, 0) - counts
-
-    order = torch.argsort(flat, stable=True)
-    expert_sorted = flat[order]
-    rank = torch.arange(n, device=dev) - start[expert_sorted]
     bound = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
-    sorted_ids = torch.full((bound,), n, dtype=torch.int32, device=dev)
-    sorted_ids[padded_start[expert_sorted] + rank] = order.to(torch.int32)
+    sorted_ids = torch.empty(bound, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(bound // block_m, dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
+    _moe_align_kernel[(num_experts,)](
+        flat, sorted_ids, block_expert, num_padded, n, num_experts,
+        BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts + 1),
+        CHUNK=min(1024, max(16, triton.next_power_of_2(n))),
+    )
+    return sorted_ids, block_expert, num_padded
 
-    block_start = torch.arange(0, bound, block_m, device=dev)
-    block_expert = torch.searchsorted(padded_end, block_start, right=True).clamp_(max=num_experts - 1)
-    return sorted_ids, block_expert.to(torch.int32), padded_end[-1:].to(torch.int32)
+
+@triton.jit
+def _moe_align_kernel(ids_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, n, num_experts,
+                      BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
+    # One program per expert. Each counts every expert's assignments (a histogram; cheap next to the
+    # GEMMs) to find where its padded run starts, then writes its own run in token order.
+    e = tl.program_id(0)
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
+    for c in range(0, tl.cdiv(n, CHUNK)):
+        idx = c * CHUNK + offs
+        ids = tl.load(ids_ptr + idx, mask=idx < n, other=num_experts).to(tl.int32)  # spare bin for the tail
+        counts += tl.histogram(ids, NUM_BINS)
+    bins = tl.arange(0, NUM_BINS)
+    padded = tl.where(bins < num_experts, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)
+    my_end = tl.sum(tl.where(bins == e, ends, 0))
+    my_padded = tl.sum(tl.where(bins == e, padded, 0))
+    my_count = tl.sum(tl.where(bins == e, counts, 0))
+    start = my_end - my_padded
+    if e == 0:
+        tl.store(num_padded_ptr, tl.max(ends))
+
+    seen = my_count * 0
+    for c in range(0, tl.cdiv(n, CHUNK)):
+        idx = c * CHUNK + offs
+        hit = tl.load(ids_ptr + idx, mask=idx < n, other=-1).to(tl.int32) == e
+        rank = seen + tl.cumsum(hit.to(tl.int32), 0) - 1
+        tl.store(sorted_ids_ptr + start + rank, idx.to(tl.int32), mask=hit)
+        seen += tl.sum(hit.to(tl.int32))
+    pad = tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + start + my_count + pad, n, mask=my_count + pad < my_padded)
+    for b in range(0, tl.cdiv(my_padded, BLOCK_M * CHUNK)):
+        blk = b * CHUNK + offs
+        tl.store(block_expert_ptr + start // BLOCK_M + blk, e, mask=blk < my_padded // BLOCK_M)
 
 
 @triton.jit

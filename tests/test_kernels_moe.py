@@ -36,24 +36,33 @@ def hand_loop(x, w13, w2, weights, ids):
     return out
 
 
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_align_block_size_groups_rows_by_expert(block_m):
-    ids = torch.tensor([[2, 0], [2, 3], [0, 2], [3, 1], [2, 0]], dtype=torch.int32)
-    sorted_ids, block_expert, num_padded = moe_align_block_size(ids, block_m, num_experts=5)
+ALIGN_CASES = {
+    "tiny": (torch.tensor([[2, 0], [2, 3], [0, 2], [3, 1], [2, 0]]), 5),  # expert 4 unused
+    "two-chunks": (torch.randint(0, 6, (700, 2), generator=torch.Generator().manual_seed(0)), 6),
+    "many-experts": (torch.randperm(128, generator=torch.Generator().manual_seed(1))[:24].view(3, 8), 128),
+}
+
+
+@pytest.mark.parametrize("case", list(ALIGN_CASES))
+@pytest.mark.parametrize("block_m,dtype", [(16, torch.int32), (32, torch.int64)])
+def test_align_block_size_groups_rows_by_expert(case, block_m, dtype):
+    ids, num_experts = ALIGN_CASES[case]
+    ids = ids.to(dtype=dtype, device=DEVICE)
+    sorted_ids, block_expert, num_padded = moe_align_block_size(ids, block_m, num_experts)
     n = ids.numel()
-    counts = torch.bincount(ids.flatten().long(), minlength=5)
-    expected_padded = int(((counts + block_m - 1) // block_m * block_m).sum())
-    assert int(num_padded) == expected_padded
-    valid = sorted_ids[:expected_padded]
-    real = valid[valid < n]
-    assert sorted(real.tolist()) == list(range(n))  # every assignment exactly once
-    assert torch.all(sorted_ids[expected_padded:] == n)  # everything past the end is padding
-    flat = ids.flatten()
-    for b in range(expected_padded // block_m):
-        rows = valid[b * block_m:(b + 1) * block_m]
-        rows = rows[rows < n].long()
-        assert rows.numel() > 0  # no empty block inside the padded range (expert 4 has no tokens)
-        assert torch.all(flat[rows] == block_expert[b])
+    counts = torch.bincount(ids.flatten().long().cpu(), minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert int(num_padded) == int(padded.sum())
+    assert sorted_ids.numel() >= int(padded.sum())  # the bound holds
+    valid = sorted_ids[:int(padded.sum())].cpu().long()
+    flat = ids.flatten().cpu()
+    start = 0
+    for e in range(num_experts):  # expert e's run: its assignments in token order, then padding
+        run = valid[start:start + int(padded[e])]
+        assert run[:int(counts[e])].tolist() == torch.nonzero(flat == e).flatten().tolist()
+        assert torch.all(run[int(counts[e]):] == n)
+        assert torch.all(block_expert[start // block_m:(start + int(padded[e])) // block_m].cpu() == e)
+        start += int(padded[e])
 
 
 def test_reference_matches_hand_loop():
