@@ -14,7 +14,7 @@ from porter.verify import checkpoint, engine_side, reference
 from porter.verify.compare import Check, check_greedy, check_prefill
 from porter.verify.errors import VerifyInputError
 from porter.verify.localise import localise
-from porter.verify.model_source import choose
+from porter.verify.model_source import ModelSource, choose
 from porter.verify.prompts import make_prompts
 from porter.verify.report import Report
 from porter.verify.tiny import make_tiny_checkpoint
@@ -48,7 +48,7 @@ def _quiet_transformers() -> None:
 
 
 @contextmanager
-def _cpu_threads(device: str, ckpt: Path):
+def cpu_threads(device: str, ckpt: Path):
     """One intra-op thread for small models on CPU: their matmuls are microseconds, and thread
     hand-offs (worse on a loaded machine) cost more than that, 100x more measured on 2 busy cores."""
     small = sum(f.stat().st_size for f in checkpoint.safetensors_files(ckpt)) < SMALL_MODEL_BYTES
@@ -75,59 +75,86 @@ def verify(opts: VerifyOptions) -> Report:
             ckpt = make_tiny_checkpoint(opts.target, Path(tmp) / "tiny", seed=opts.seed)
         else:
             ckpt = checkpoint.check_dir(opts.target)
-        with engine_side.registry_snapshot(), _cpu_threads(opts.device, ckpt):
+        with engine_side.registry_snapshot(), cpu_threads(opts.device, ckpt):
             report = _run(opts, ckpt, Path(tmp))
         report.seconds = time.perf_counter() - start
         return report
 
 
-def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
+@dataclass
+class Reference:
+    """Everything HF computes once for a checkpoint, prompts and dtype; several engine models can be
+    checked against one Reference (the fault tests do)."""
+
+    model: torch.nn.Module
+    prompts: list[list[int]]
+    logits: torch.Tensor  # prefill logits in the verify dtype
+    logits_fp32: torch.Tensor | None  # prefill logits in fp32, for the low-precision error ratio
+    greedy: list[reference.Greedy]
+
+
+def reference_run(opts: VerifyOptions, ckpt: Path, hf_config) -> Reference:
     dtype, device = DTYPES[opts.dtype], opts.device
-    low_precision = dtype != torch.float32
+    prompts = make_prompts(opts.prompts, hf_config.vocab_size, opts.seed)
+    model = reference.load_hf_model(ckpt, dtype, device)
+    logits_fp32 = None
+    if dtype != torch.float32:
+        hf_fp32 = reference.load_hf_model(ckpt, torch.float32, device)
+        logits_fp32 = reference.prefill_logits(hf_fp32, prompts, device)
+        del hf_fp32
+    return Reference(model, prompts, reference.prefill_logits(model, prompts, device), logits_fp32,
+                     reference.greedy(model, prompts, opts.max_tokens, device))
+
+
+def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
     hf_config = checkpoint.load_config(ckpt)
     notes: list[str] = []
     source = choose(ckpt, hf_config, opts.model_file, opts.builtin, tmp / "converted", notes)
-    prompts = make_prompts(opts.prompts, hf_config.vocab_size, opts.seed)
+    cls = engine_side.resolve_model_class(hf_config, source.model_file)  # before HF runs: fail fast on bad input
+    ref = reference_run(opts, ckpt, hf_config)
+    return check_engine(opts, ckpt, hf_config, cls, source, ref, notes)
+
+
+def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: ModelSource, ref: Reference,
+                 notes: list[str] | None = None) -> Report:
+    """Build and load engine model `cls`, run every check against `ref`, localise on failure."""
+    dtype, device = DTYPES[opts.dtype], opts.device
+    low_precision = dtype != torch.float32
+    prompts = ref.prompts
     report = Report(
         target=opts.target, checkpoint=str(ckpt), architecture=",".join(hf_config.architectures or ["?"]),
         engine_model=source.label, dtype=opts.dtype, device=device,
-        prompt_lengths=[len(p) for p in prompts], max_tokens=opts.max_tokens, notes=notes,
+        prompt_lengths=[len(p) for p in prompts], max_tokens=opts.max_tokens, notes=list(notes or []),
     )
-
-    # engine model, built and loaded directly: the weight report and the prefill logits
-    cls = engine_side.resolve_model_class(hf_config, source.model_file)
-    engine_model = engine_side.build_model(cls, hf_config, dtype, device)
+    # the engine model itself, built and loaded key by key: weight report and prefill logits
+    try:
+        engine_model = engine_side.build_model(cls, hf_config, dtype, device)
+    except Exception as exc:  # noqa: BLE001 - the model under test cannot even be constructed
+        report.checks.append(Check("build", False, {}, _describe(exc)))
+        return report
     report.weights = load_with_report(engine_model, ckpt)
     engine_side.finish_loading(engine_model)
-    hf_model = reference.load_hf_model(ckpt, dtype, device)
-    hf_logits = reference.prefill_logits(hf_model, prompts, device)
-    hf_fp32_logits = None
-    if low_precision:
-        hf_fp32 = reference.load_hf_model(ckpt, torch.float32, device)
-        hf_fp32_logits = reference.prefill_logits(hf_fp32, prompts, device)
-        del hf_fp32
     try:
         engine_logits = engine_side.prefill_logits(engine_model, prompts, device)
-        report.checks.append(check_prefill(engine_logits, hf_logits, low_precision=low_precision, atol=opts.atol,
-                                           hf_fp32=hf_fp32_logits))
+        report.checks.append(check_prefill(engine_logits, ref.logits, low_precision=low_precision, atol=opts.atol,
+                                           hf_fp32=ref.logits_fp32))
     except Exception as exc:  # noqa: BLE001 - a crashing engine model is a parity failure, reported
         report.checks.append(Check("prefill_logits", False, {}, _describe(exc)))
 
-    # greedy decoding: HF step by step, the engine through LLM with every prompt in one batch
-    hf_greedy = reference.greedy(hf_model, prompts, opts.max_tokens, device)
+    # greedy decoding through LLM, every prompt in one batch (paged KV cache, scheduler, sampler)
     try:
         engine_greedy = engine_side.greedy(ckpt, source.model_file, dtype, device, prompts, opts.max_tokens,
                                            opts.num_logprobs)
-        report.checks.extend(check_greedy(engine_greedy, hf_greedy, low_precision=low_precision, atol=opts.atol,
+        report.checks.extend(check_greedy(engine_greedy, ref.greedy, low_precision=low_precision, atol=opts.atol,
                                           num_logprobs=opts.num_logprobs))
     except Exception as exc:  # noqa: BLE001
         report.checks.append(Check("greedy_tokens", False, {}, f"engine LLM failed: {_describe(exc)}"))
 
     if opts.always_localise or not report.passed:
         try:
-            report.localisation = localise(engine_model, hf_model, prompts, device, dtype)
+            report.localisation = localise(engine_model, ref.model, prompts, device, dtype)
         except Exception as exc:  # noqa: BLE001 - localisation is best effort on top of the verdict
-            notes.append(f"localisation failed: {_describe(exc)}")
+            report.notes.append(f"localisation failed: {_describe(exc)}")
     return report
 
 

@@ -1,0 +1,101 @@
+"""Plant single faults in a correct engine Llama and check that verify fails and names the module.
+
+One tiny checkpoint (MHA so swapped q/k shards still load, attention_bias so a dropped bias shows) and
+one HF reference run are shared by every fault (module-scoped fixtures).
+"""
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+import porter.engine.models.llama as hand_written_llama
+from porter.verify import checkpoint
+from porter.verify.engine_side import registry_snapshot, resolve_model_class
+from porter.verify.model_source import ModelSource
+from porter.verify.run import VerifyOptions, check_engine, cpu_threads, reference_run
+from porter.verify.tiny import make_tiny_checkpoint
+
+SOURCE = Path(hand_written_llama.__file__).read_text()
+
+# name -> (text in the correct file, planted replacement, module verify must name)
+FAULTS = {
+    "dropped_o_proj_bias": (
+        "self.hidden_size, bias=bias,",
+        "self.hidden_size, bias=False,",
+        "model.layers.0.self_attn.o_proj",
+    ),
+    "swapped_qk_shard_ids": (
+        '("qkv_proj", "q_proj", "q"),\n        ("qkv_proj", "k_proj", "k"),',
+        '("qkv_proj", "q_proj", "k"),\n        ("qkv_proj", "k_proj", "q"),',
+        "model.layers.0.self_attn.qkv_proj",
+    ),
+    "wrong_rope_base": (
+        'rope_parameters=getattr(config, "rope_parameters", None)',
+        'rope_parameters={**config.rope_parameters, "rope_theta": 10 * config.rope_parameters["rope_theta"]}',
+        "model.layers.0.self_attn",
+    ),
+    "norm_unit_offset": (
+        'eps=config.rms_norm_eps, prefix=f"{prefix}.input_layernorm"',
+        'eps=config.rms_norm_eps, unit_offset=True, prefix=f"{prefix}.input_layernorm"',
+        "model.layers.0.input_layernorm",
+    ),
+    "wrong_norm_eps": (
+        'eps=config.rms_norm_eps,\n                                                prefix=f"{prefix}.post_attention_layernorm"',
+        'eps=1e-2,\n                                                prefix=f"{prefix}.post_attention_layernorm"',
+        "model.layers.0.post_attention_layernorm",
+    ),
+    "query_position_off_by_one": (
+        "q, k = self.rotary_emb(positions, q, k)",
+        "q, k = self.rotary_emb(positions + 1, q)[0], self.rotary_emb(positions, k)[0]",
+        "model.layers.0.self_attn",
+    ),
+    "wrong_attention_scale": (
+        "self.head_dim ** -0.5,",
+        "self.hidden_size ** -0.5,",
+        "model.layers.0.self_attn.attn",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    cfg_dir = tmp_path_factory.mktemp("cfg")
+    config = LlamaConfig(attention_bias=True, num_attention_heads=4, num_key_value_heads=4)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(cfg_dir)
+    ckpt = make_tiny_checkpoint(str(cfg_dir), tmp_path_factory.mktemp("ckpt"))
+    opts = VerifyOptions(target=str(ckpt), prompts=3, max_tokens=4)
+    hf_config = checkpoint.load_config(ckpt)
+    with cpu_threads("cpu", ckpt):
+        ref = reference_run(opts, ckpt, hf_config)
+    return opts, ckpt, hf_config, ref
+
+
+def _verify_source(shared, text: str, path: Path):
+    opts, ckpt, hf_config, ref = shared
+    path.write_text(text)
+    with registry_snapshot(), cpu_threads("cpu", ckpt):
+        cls = resolve_model_class(hf_config, path)
+        return check_engine(opts, ckpt, hf_config, cls, ModelSource(path, f"file:{path}"), ref)
+
+
+def test_correct_file_passes(shared, tmp_path):
+    report = _verify_source(shared, SOURCE, tmp_path / "llama_ok.py")
+    assert report.passed, report.to_dict()
+    assert report.localisation is None
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_planted_fault_is_caught_and_located(shared, tmp_path, fault):
+    old, new, module = FAULTS[fault]
+    assert SOURCE.count(old) == 1, f"the correct file changed: cannot plant {fault}"
+    report = _verify_source(shared, SOURCE.replace(old, new), tmp_path / f"llama_{fault}.py")
+    assert not report.passed
+    divergence = report.divergence
+    assert divergence is not None, report.to_dict()
+    assert divergence["module"] == module, divergence
+    assert divergence["summary"].startswith(f"{module}: max abs ")
+    if module == "model.layers.0.self_attn":  # a fault between submodules: the rotary is the suspect
+        assert "model.layers.0.self_attn.rotary_emb" in divergence["suspects"]
+    if fault == "dropped_o_proj_bias":
+        assert "model.layers.0.self_attn.o_proj.bias" in report.weights.unused_keys
