@@ -11,6 +11,7 @@ tensor-parallel executor slots in for the in-process runner.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterator, Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,9 +183,10 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("text prompt given but the tokenizer was skipped (skip_tokenizer_init=True)")
             return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        try:  # operator.index accepts numpy / torch integers, refuses floats and strings
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {prompt!r:.80}") from None
         return None, ids
 
     def _new_sequence(self, prompt, params: SamplingParams) -> tuple[str | None, Sequence]:
@@ -271,6 +273,8 @@ class LLM:
 
 
 def _as_prompt_list(prompts) -> list:
+    if hasattr(prompts, "tolist"):  # a numpy array or tensor of ids (1-D: one prompt, 2-D: a batch)
+        prompts = prompts.tolist()
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, SequenceABC) and prompts and all(isinstance(t, int) for t in prompts):
