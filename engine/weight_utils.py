@@ -117,7 +117,9 @@ def safetensors_files(ckpt_dir: str | os.PathLike) -> list[Path]:
     files = sorted(ckpt_dir.glob("*.safetensors"))
     if not files:
         _refuse_pickles(ckpt_dir)
-    return files
+    # Mistral-style repos ship the same weights twice: HF names, and `consolidated*` in native names
+    hf_named = [f for f in files if not f.name.startswith("consolidated")]
+    return hf_named or files
 
 
 def _open(path: Path):

@@ -139,3 +139,10 @@ def test_progress_bar_for_sharded_or_large(tmp_path, hf_model, monkeypatch):
     write_sharded(shards, tensors, 2)
     list(iterate_safetensors(shards))  # several shards: a bar, advanced per shard
     assert len(seen) == 2
+
+
+def test_consolidated_duplicate_skipped(tmp_path, hf_model):
+    tensors = state(hf_model)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2)}, str(tmp_path / "consolidated.safetensors"))
+    assert {k for k, _ in iterate_safetensors(tmp_path)} == set(tensors)
