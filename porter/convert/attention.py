@@ -1,0 +1,166 @@
+"""Pass 4: the attention-interface call becomes the engine's paged `Attention` layer.
+
+`out, weights = attention_interface(self, q, k, v, mask, scaling=..., sliding_window=..., softcap=...)`
+becomes `out = self.attn(q, k, v)`; the call's keyword arguments become `Attention(...)` constructor
+arguments at the end of `__init__` (they are per-layer attributes there, e.g. a sliding window only on
+sliding layers). The block then returns its output alone and callers stop unpacking a weights value.
+"""
+from __future__ import annotations
+
+import builtins
+
+import libcst as cst
+
+from porter.convert.context import Pass
+from porter.convert.cst_util import code, contains, loads, methods, param_names, parse_stmt, self_call_attr
+from porter.convert.specialise import callee_map
+
+# attention-interface keyword -> Attention constructor keyword (None: meaningless at inference)
+_KWARGS = {"scaling": "scale", "sliding_window": "sliding_window", "softcap": "logits_soft_cap",
+           "s_aux": "sinks", "sinks": "sinks", "dropout": None, "position_ids": None, "is_causal": None}
+
+
+def _mentions_interface(node: cst.CSTNode) -> bool:
+    return contains(node, lambda n: isinstance(n, cst.Name) and n.value == "ALL_ATTENTION_FUNCTIONS")
+
+
+class AttentionCall(Pass):
+    name = "attention"
+
+    def visit_Module(self, node: cst.Module) -> None:
+        self.module_names = {s.name.value for s in node.body if isinstance(s, (cst.ClassDef, cst.FunctionDef))}
+        self.module_names |= set(dir(builtins))
+        for s in node.body:
+            if isinstance(s, cst.SimpleStatementLine):
+                for small in s.body:
+                    if isinstance(small, (cst.Import, cst.ImportFrom)) and not isinstance(
+                            getattr(small, "names", None), cst.ImportStar):
+                        for a in small.names:
+                            self.module_names.add(code(a.asname.name) if a.asname else code(a.name).split(".")[0])
+        self.attn_attrs = {cls: {a for a, c in attrs.items() if c in self.ctx.roles.attention}
+                           for cls, attrs in callee_map(node).items()}
+        self._cls: list[str] = []
+
+    def visit_ClassDef(self, node):
+        self._cls.append(node.name.value)
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        name = self._cls.pop()
+        if name in self.ctx.roles.attention:
+            return self._attention(original, updated)
+        return updated
+
+    # callers: `h, _ = self.self_attn(...)` -> `h = self.self_attn(...)`
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign):
+        if not self._cls or self_call_attr(updated.value) not in self.attn_attrs.get(self._cls[-1], ()):
+            return updated
+        t = updated.targets[0].target
+        if isinstance(t, cst.Tuple) and len(t.elements) == 2:
+            self.note(original, f"`{code(t)} = self.{self_call_attr(updated.value)}(...)`: the attention block "
+                                "returns its output only")
+            return updated.with_changes(targets=[updated.targets[0].with_changes(target=t.elements[0].value)])
+        return updated
+
+    def _attention(self, original: cst.ClassDef, cls: cst.ClassDef) -> cst.ClassDef:
+        ms = methods(cls)
+        fwd, init = ms["forward"], ms["__init__"]
+        cfg = param_names(init)[1] if len(param_names(init)) > 1 else "config"
+        ctor: dict[str, str] = {}
+        weights_var: list[str] = []
+        out_body = []
+        found = False
+        for stmt in fwd.body.body:
+            if isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1:
+                small = stmt.body[0]
+                value = small.value if isinstance(small, (cst.Assign, cst.AnnAssign)) else None
+                if value is not None and not isinstance(value, cst.Call) and _mentions_interface(value) or \
+                        isinstance(value, cst.Call) and _mentions_interface(value.func):
+                    self.note(stmt, "dropped the attention-interface lookup")
+                    continue
+                if isinstance(small, cst.Assign) and isinstance(value, cst.Call) and \
+                        isinstance(value.func, cst.Name) and self._is_interface_var(fwd, value.func.value):
+                    new = self._replace_call(stmt, small, value, ctor, weights_var, cfg, fwd)
+                    if new is not None:
+                        out_body.append(new)
+                        found = True
+                        continue
+            out_body.append(stmt)
+        if not found:
+            self.refuse(original, f"attention `{cls.name.value}`", "no `out, weights = attention_interface(...)` call")
+            return cls
+        fwd = fwd.with_changes(body=fwd.body.with_changes(body=out_body))
+        fwd = fwd.visit(_DropWeights(set(weights_var)))
+        fwd = fwd.with_changes(returns=cst.Annotation(cst.parse_expression("torch.Tensor")))
+        heads = self.ctx.attn_heads.get(cls.name.value)
+        if heads is None:
+            self.refuse(original, f"attention `{cls.name.value}`", "head counts unknown")
+            return cls
+        num_heads, num_kv, head_size = heads
+        scale = ctor.pop("scale", f"{head_size}**-0.5")
+        extra = "".join(f"    {k}={v},\n" for k, v in ctor.items())
+        attn = parse_stmt(f"self.attn = Attention(\n    {num_heads},\n    {head_size},\n    scale={scale},\n"
+                          f"    num_kv_heads={num_kv},\n{extra})\n")
+        self.note(original, f"{cls.name.value}: self.attn = Attention({num_heads}, {head_size}, scale={scale}, "
+                            f"num_kv_heads={num_kv}{''.join(f', {k}={v}' for k, v in ctor.items())})")
+        init = init.with_changes(body=init.body.with_changes(body=[*init.body.body, attn]))
+        body = [init if s is ms["__init__"] else fwd if s is ms["forward"] else s for s in cls.body.body]
+        return cls.with_changes(body=cls.body.with_changes(body=body))
+
+    def _is_interface_var(self, fwd: cst.FunctionDef, name: str) -> bool:
+        for stmt in fwd.body.body:
+            if isinstance(stmt, cst.SimpleStatementLine):
+                for small in stmt.body:
+                    if isinstance(small, (cst.Assign, cst.AnnAssign)) and small.value is not None and \
+                            _mentions_interface(small.value):
+                        targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) else [small.target]
+                        if any(code(t) == name for t in targets):
+                            return True
+        return False
+
+    def _replace_call(self, stmt, small: cst.Assign, call: cst.Call, ctor, weights_var, cfg, fwd):
+        positional = [a.value for a in call.args if a.keyword is None and not a.star]
+        if len(positional) < 4:
+            self.refuse(stmt, f"`{code(call.func)}(...)`", "expected (self, query, key, value, ...) arguments")
+            return None
+        q, k, v = (code(x) for x in positional[1:4])
+        for a in call.args:
+            if a.keyword is None:
+                continue
+            key = a.keyword.value
+            if key not in _KWARGS:
+                self.refuse(stmt, f"attention keyword `{key}`", "no engine Attention equivalent is known")
+                continue
+            if _KWARGS[key] is None:
+                continue
+            expr = code(a.value)
+            bad = [n for n in loads(a.value) if n not in ("self", cfg) and n not in self.module_names]
+            if bad:
+                self.refuse(stmt, f"attention keyword `{key}={expr}`",
+                            f"it depends on forward-time values ({', '.join(bad)}); it must be a per-layer constant")
+                continue
+            ctor[_KWARGS[key]] = expr
+        t = small.targets[0].target
+        if isinstance(t, cst.Tuple):
+            out = t.elements[0].value
+            weights_var += [code(e.value) for e in t.elements[1:]]
+        else:
+            self.refuse(stmt, f"`{code(small).strip()[:60]}`", "expected `out, weights = attention_interface(...)`")
+            return None
+        self.note(stmt, f"attention-interface call -> `{code(out)} = self.attn({q}, {k}, {v})`")
+        return stmt.with_changes(body=[cst.parse_statement(f"{code(out)} = self.attn({q}, {k}, {v})\n").body[0]])
+
+
+class _DropWeights(cst.CSTTransformer):
+    """`return out, attn_weights` -> `return out` once the weights no longer exist."""
+
+    def __init__(self, names: set[str]):
+        super().__init__()
+        self.names = names
+
+    def leave_Return(self, original, updated):
+        v = updated.value
+        if isinstance(v, cst.Tuple):
+            kept = [e for e in v.elements if code(e.value) not in self.names and code(e.value) != "None"]
+            if len(kept) == 1:
+                return updated.with_changes(value=kept[0].value)
+        return updated

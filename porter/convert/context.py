@@ -1,0 +1,105 @@
+"""State shared by the passes: the report, source line tracking and the analysis results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import libcst as cst
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+from porter.convert.report import Report
+
+
+class SourceLines:
+    """Maps nodes to their line in the original file, following nodes through rewrites.
+
+    Positions are resolved once on the parsed source; every pass hands the line of a node it replaces
+    on to the replacement, so later passes still report original line numbers."""
+
+    def __init__(self, module: cst.Module):
+        positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
+        # node kept in the value so its id() is never reused while the mapping lives
+        self._lines: dict[int, tuple[cst.CSTNode, int]] = {id(n): (n, p.start.line) for n, p in positions.items()}
+
+    def of(self, node: cst.CSTNode) -> int | None:
+        hit = self._lines.get(id(node))
+        return hit[1] if hit else None
+
+    def carry(self, old: cst.CSTNode, new: cst.CSTNode) -> None:
+        line = self.of(old)
+        if line is not None and id(new) not in self._lines:
+            self._lines[id(new)] = (new, line)
+
+
+@dataclass
+class Roles:
+    attention: set[str] = field(default_factory=set)
+    mlp: set[str] = field(default_factory=set)
+    decoder: str | None = None
+    base: str | None = None
+    causal_lm: str | None = None
+    pretrained: set[str] = field(default_factory=set)  # PreTrainedModel subclasses (plumbing)
+    dropped: set[str] = field(default_factory=set)  # other heads
+    embedding_subclasses: set[str] = field(default_factory=set)
+
+    @property
+    def blocks(self) -> set[str]:
+        """Classes whose forward the converter rewrites."""
+        out = self.attention | self.mlp
+        for c in (self.decoder, self.base):
+            if c:
+                out.add(c)
+        return out
+
+
+@dataclass
+class Fusion:
+    fused: str  # new attribute, e.g. qkv_proj
+    members: list[str]  # HF attributes, in output order
+    shard_ids: list  # "q","k","v" or 0,1,...
+
+
+@dataclass
+class Context:
+    filename: str
+    report: Report
+    lines: SourceLines
+    package: str | None  # dotted package of the source inside transformers, for relative imports
+    model_type: str | None = None
+    roles: Roles = field(default_factory=Roles)
+    fusions: dict[str, list[Fusion]] = field(default_factory=dict)  # class -> fusions made
+    sharded: dict[str, bool] = field(default_factory=dict)  # class -> its linears are TP-sharded
+    # attention class -> (num_heads, num_kv_heads, head_size) expressions valid at the end of __init__
+    attn_heads: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)
+    ignore_unexpected: list[str] = field(default_factory=list)
+
+
+class Pass(cst.CSTTransformer):
+    """One rewrite. Subclasses set `name`; `note` records a change at a node's original line."""
+
+    name = "pass"
+
+    def __init__(self, ctx: Context):
+        super().__init__()
+        self.ctx = ctx
+
+    def on_leave(self, original_node, updated_node):
+        result = super().on_leave(original_node, updated_node)
+        if isinstance(result, cst.CSTNode) and result is not original_node:
+            self.ctx.lines.carry(original_node, result)
+        elif isinstance(result, cst.FlattenSentinel):
+            for n in result.nodes:
+                self.ctx.lines.carry(original_node, n)
+        return result
+
+    def line(self, node: cst.CSTNode) -> int | None:
+        return self.ctx.lines.of(node)
+
+    def note(self, node: cst.CSTNode | None, message: str) -> None:
+        self.ctx.report.change(self.name, self.line(node) if node is not None else None, message)
+
+    def refuse(self, node: cst.CSTNode | None, construct: str, why: str) -> None:
+        self.ctx.report.refuse(construct, self.line(node) if node is not None else None, why)
+
+    def run(self, module: cst.Module) -> cst.Module:
+        return module.visit(self)

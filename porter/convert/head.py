@@ -1,0 +1,173 @@
+"""Pass 7: the causal-LM class. Its HF body is training/generation plumbing, so it is re-rendered from
+templates/causal_lm.py.j2: the base model, a `ParallelLMHead` (tied to the embedding when the config
+says so), `LogitsProcessor`, `compute_logits` (keeping HF's logit post-processing such as soft-capping)
+and `load_weights` with the `stacked_params_mapping` of the fusions made. The base model gains
+`embed_input_ids`."""
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import jinja2
+import libcst as cst
+
+from porter.convert.context import Pass
+from porter.convert.cst_util import (
+    arg_value,
+    code,
+    contains,
+    dotted,
+    init_assignments,
+    loads,
+    methods,
+    param_names,
+    parse_stmt,
+    self_attr,
+    self_call_attr,
+)
+
+# checkpoint keys that are derived buffers, never parameters
+DERIVED_KEYS = [r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$"]
+
+
+def _template() -> jinja2.Template:
+    text = resources.files("porter.templates").joinpath("causal_lm.py.j2").read_text()
+    return jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined).from_string(text)
+
+
+def checkpoint_renames(class_name: str, model_type: str | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """transformers' own on-disk -> module key renames for this class (conversion_mapping.py);
+    returns (renames, names of conversions that are more than a rename)."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers: keys are saved as module names
+        return [], []
+    renames, other = [], []
+    for key in (class_name, model_type):
+        entries = get_checkpoint_conversion_mapping(key) if key else None
+        for t in entries or []:
+            if type(t) is WeightRenaming and len(t.source_patterns) == 1:
+                renames.append((t.source_patterns[0], t.target_patterns[0]))
+            else:
+                other.append(type(t).__name__)
+        if entries:
+            break
+    return renames, other
+
+
+class CausalLMHead(Pass):
+    name = "head"
+
+    def visit_Module(self, node: cst.Module) -> None:
+        cls = {s.name.value: s for s in node.body if isinstance(s, cst.ClassDef)}
+        base = cls[self.ctx.roles.base]
+        self.embed_attr = next((a for a, v in init_assignments(base) if isinstance(v, cst.Call) and (
+            dotted(v.func) == "VocabParallelEmbedding" or dotted(v.func) in self.ctx.roles.embedding_subclasses)), None)
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        name = updated.name.value
+        if name == self.ctx.roles.base:
+            if self.embed_attr is None:
+                self.refuse(original, f"base model `{name}`", "no vocab embedding found for embed_input_ids")
+                return updated
+            method = parse_stmt(f"def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:\n"
+                                f"    return self.{self.embed_attr}(input_ids)\n")
+            body = list(updated.body.body)
+            at = next(i for i, s in enumerate(body) if isinstance(s, cst.FunctionDef) and s.name.value == "__init__")
+            method = method.with_changes(leading_lines=[cst.EmptyLine(indent=False)])
+            self.note(original, f"{name}: added embed_input_ids")
+            return updated.with_changes(body=updated.body.with_changes(body=body[: at + 1] + [method] + body[at + 1:]))
+        if name != self.ctx.roles.causal_lm:
+            return updated
+        return self._render(original)
+
+    def _render(self, cls: cst.ClassDef):
+        ms = methods(cls)
+        init, fwd = ms.get("__init__"), ms.get("forward")
+        cfg = param_names(init)[1] if init is not None and len(param_names(init)) > 1 else "config"
+        assigns = init_assignments(cls)
+        base_attr = next(a for a, v in assigns if isinstance(v, cst.Call) and dotted(v.func) == self.ctx.roles.base)
+        head_attr, head = next((a, v) for a, v in assigns if isinstance(v, cst.Call) and
+                               (dotted(v.func) or "").endswith("Linear") and "vocab_size" in code(v))
+        hidden, vocab = arg_value(head, 0, "in_features"), arg_value(head, 1, "out_features")
+        bias = arg_value(head, 2, "bias")
+        post = self._post_processing(cls, fwd, head_attr) if fwd is not None else []
+        read = set()
+        for s in post:
+            read |= {n for n in _self_attrs(s)}
+        carried = [code(parse_stmt(f"self.{a} = {code(v)}\n")).strip() for a, v in assigns
+                   if a in read and a not in (base_attr, head_attr, "config")]
+        tied = any(isinstance(s, cst.SimpleStatementLine) and "_tied_weights_keys" in code(s) for s in cls.body.body)
+        packed, stacked = {}, []
+        for fusions in self.ctx.fusions.values():
+            for f in fusions:
+                if f.fused not in packed:
+                    packed[f.fused] = f.members
+                    stacked += [(f.fused, m, repr(s).replace("'", '"')) for m, s in zip(f.members, f.shard_ids)]
+        renames, other = checkpoint_renames(cls.name.value, self.ctx.model_type)
+        if other:
+            self.refuse(cls, f"checkpoint conversion {', '.join(sorted(set(other)))}",
+                        "transformers converts this checkpoint with more than key renames")
+        self.ctx.checkpoint_renames = renames
+        text = _template().render(
+            name=cls.name.value, cfg=cfg, base_attr=base_attr, base_cls=self.ctx.roles.base,
+            vocab=code(vocab), hidden=code(hidden), bias=code(bias) if bias is not None else "True",
+            tied=tied, embed_attr=self.embed_attr, post=[l for s in post for l in code(s).rstrip().splitlines()],
+            carried=carried, packed=packed, stacked=stacked,
+            renames=[(s.replace('"', '\\"'), d) for s, d in renames],
+        )
+        new = cst.parse_statement(text).with_changes(leading_lines=cls.leading_lines)
+        self.note(cls, f"{cls.name.value}: rendered from causal_lm.py.j2 (ParallelLMHead{', tied' if tied else ''}, "
+                       f"LogitsProcessor, load_weights with {len(stacked)} stacked entries"
+                       f"{', ' + str(len(renames)) + ' checkpoint renames' if renames else ''})")
+        for s in post:
+            self.note(s, f"kept logit post-processing in compute_logits: `{code(s).strip().splitlines()[0]}`")
+        return new
+
+    def _post_processing(self, cls, fwd: cst.FunctionDef, head_attr: str) -> list[cst.BaseStatement]:
+        """Statements that transform `logits` after the head, before any loss/return."""
+        stmts = list(fwd.body.body)
+        idx = next((i for i, s in enumerate(stmts) if contains(s, lambda n: self_call_attr(n) == head_attr)), None)
+        if idx is None:
+            self.refuse(fwd, "causal LM forward", f"never calls self.{head_attr}")
+            return []
+        head_stmt = stmts[idx]
+        head_target = None
+        if isinstance(head_stmt, cst.SimpleStatementLine) and isinstance(head_stmt.body[0], cst.Assign):
+            head_target = code(head_stmt.body[0].targets[0].target)
+        if head_target != "logits":
+            self.refuse(head_stmt, f"`{code(head_stmt).strip()}`", "expected `logits = self.<head>(hidden_states)`")
+            return []
+        for s in stmts[:idx]:
+            text = code(s)
+            if isinstance(s, cst.SimpleStatementLine) and isinstance(s.body[0], cst.Expr) and \
+                    isinstance(s.body[0].value, cst.SimpleString):
+                continue  # docstring
+            if "hidden_states" in text and not re.search(r"outputs|slice_logits_to_keep|logits_to_keep", text):
+                self.refuse(s, f"`{text.strip().splitlines()[0]}`", "hidden-state processing before the LM head "
+                            "is not understood")
+        post = []
+        for s in stmts[idx + 1:]:
+            names = loads(s)
+            if isinstance(s, (cst.SimpleStatementLine,)) and any(isinstance(x, cst.Return) for x in s.body):
+                break
+            if names["labels"] or names["loss"] or "loss" in code(s).split("=")[0]:
+                break
+            if not names["logits"]:
+                self.refuse(s, f"`{code(s).strip().splitlines()[0]}`", "statement after the LM head not understood")
+                continue
+            post.append(s)
+        return post
+
+
+def _self_attrs(node: cst.CSTNode) -> set[str]:
+    out = set()
+
+    class V(cst.CSTVisitor):
+        def visit_Attribute(self, n):
+            a = self_attr(n)
+            if a:
+                out.add(a)
+
+    node.visit(V())
+    return out

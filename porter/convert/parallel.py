@@ -1,0 +1,343 @@
+"""Pass 5: parallel layers. `nn.Linear`s of attention and MLP blocks become column/row parallel layers
+by dataflow (a linear that reads the block's input is column-parallel, one that reads anything else is
+row-parallel); q/k/v and gate/up projections that read the same input fuse into `QKVParallelLinear` /
+`MergedColumnParallelLinear`. A block whose column outputs are sliced by offsets (an already fused
+projection such as `qkv[..., :q_size]` or `x.chunk(2)`) would be wrong when sharded, so its linears
+stay `ReplicatedLinear` (correct on any TP size, no memory saving). Vocab embeddings become
+`VocabParallelEmbedding`.
+"""
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.convert.context import Fusion, Pass
+from porter.convert.cst_util import (
+    arg_value,
+    code,
+    contains,
+    dotted,
+    init_assignments,
+    kwarg,
+    loads,
+    methods,
+    param_names,
+    parse_expr,
+    parse_stmt,
+    same_code,
+    self_attr,
+    self_call_attr,
+)
+
+_SLICING_METHODS = {"chunk", "split", "unbind", "tensor_split"}
+
+
+def _linear_parts(call: cst.Call) -> tuple[cst.BaseExpression, cst.BaseExpression, str]:
+    bias = arg_value(call, 2, "bias")
+    return arg_value(call, 0, "in_features"), arg_value(call, 1, "out_features"), code(bias) if bias else "True"
+
+
+def _is_linear(value) -> bool:
+    return isinstance(value, cst.Call) and (dotted(value.func) or "") in ("nn.Linear", "torch.nn.Linear", "Linear")
+
+
+def _fused_name(members: list[str]) -> str:
+    stems = [m[: -len("_proj")] if m.endswith("_proj") else m for m in members]
+    return ("".join(stems) if all(len(s) == 1 for s in stems) else "_".join(stems)) + "_proj"
+
+
+def _local(name: str) -> str:
+    return name[: -len("_proj")] if name.endswith("_proj") else name
+
+
+def _calls_of(fn: cst.CSTNode, attr: str) -> list[cst.Call]:
+    out = []
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, n):
+            if self_call_attr(n) == attr:
+                out.append(n)
+
+    fn.visit(V())
+    return out
+
+
+def _sliced_outputs(fwd: cst.FunctionDef, attrs: set[str]) -> cst.CSTNode | None:
+    """The first offset slicing (subscript, chunk, split) of a value computed from one of `attrs`."""
+    produced: set[str] = set()
+
+    class Assigns(cst.CSTVisitor):
+        def visit_Assign(self, n: cst.Assign):
+            if contains(n.value, lambda c: self_call_attr(c) in attrs):
+                for t in n.targets:
+                    if isinstance(t.target, cst.Name):
+                        produced.add(t.target.value)
+
+    fwd.visit(Assigns())
+    found: list[cst.CSTNode] = []
+
+    def slicing(n) -> bool:
+        if isinstance(n, cst.Subscript) and (code(n.value) in produced or self_call_attr(n.value) in attrs):
+            return True
+        if isinstance(n, cst.Call) and isinstance(n.func, cst.Attribute) and n.func.attr.value in _SLICING_METHODS:
+            base = n.func.value
+            while isinstance(base, cst.Call) and isinstance(base.func, cst.Attribute):
+                if code(base) in produced or self_call_attr(base) in attrs:
+                    return True
+                base = base.func.value
+            return code(base) in produced or self_call_attr(base) in attrs
+        return False
+
+    class Find(cst.CSTVisitor):
+        def on_visit(self, n):
+            if not found and slicing(n):
+                found.append(n)
+            return not found
+
+    fwd.visit(Find())
+    return found[0] if found else None
+
+
+def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
+    """`heads * head_size` -> (heads, head_size) code."""
+    if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
+        return code(out.left), code(out.right)
+    return None
+
+
+class ParallelLinears(Pass):
+    name = "parallel"
+
+    def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
+        name = updated.name.value
+        roles = self.ctx.roles
+        if name in roles.embedding_subclasses:
+            updated = self._embedding_subclass(original, updated)
+        if name in roles.attention or name in roles.mlp:
+            updated = self._block(original, updated, attention=name in roles.attention)
+        return updated
+
+    # ------------------------------------------------------------------ embeddings
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign):
+        value = updated.value
+        if isinstance(value, cst.Call) and (dotted(value.func) or "") in ("nn.Embedding", "torch.nn.Embedding") \
+                and self_attr(updated.targets[0].target) and "vocab_size" in code(value.args[0].value):
+            args = [a for a in value.args[:2]]
+            args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+            self.note(original, f"{code(updated.targets[0].target)}: nn.Embedding -> VocabParallelEmbedding "
+                                "(vocab split over ranks; padding_idx has no effect at inference)")
+            return updated.with_changes(value=value.with_changes(func=cst.Name("VocabParallelEmbedding"), args=args))
+        return updated
+
+    def _embedding_subclass(self, original, cls: cst.ClassDef) -> cst.ClassDef:
+        bases = [b.with_changes(value=cst.Name("VocabParallelEmbedding"))
+                 if (dotted(b.value) or "").endswith("Embedding") else b for b in cls.bases]
+        init = methods(cls).get("__init__")
+
+        class SuperInit(cst.CSTTransformer):
+            def leave_Call(self, o, u):
+                if code(u.func) == "super().__init__" and len(u.args) > 2:
+                    args = list(u.args[:2])
+                    args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+                    return u.with_changes(args=args)
+                return u
+
+        body = [s.visit(SuperInit()) if s is init else s for s in cls.body.body]
+        self.note(original, f"{cls.name.value}: subclass of nn.Embedding -> of VocabParallelEmbedding")
+        return cls.with_changes(bases=bases, body=cls.body.with_changes(body=body))
+
+    # ------------------------------------------------------------------ linear blocks
+    def _block(self, original: cst.ClassDef, cls: cst.ClassDef, attention: bool) -> cst.ClassDef:
+        name = cls.name.value
+        ms = methods(cls)
+        fwd = ms["forward"]
+        linears = {a: v for a, v in init_assignments(cls) if _is_linear(v)}
+        if not linears:
+            self.ctx.sharded[name] = False
+            return cls
+        inputs = param_names(fwd)[1:2]
+        calls = {a: _calls_of(fwd, a) for a in linears}
+        column = [a for a in linears if calls[a] and all(
+            len(c.args) == 1 and inputs and code(c.args[0].value) == inputs[0] for c in calls[a])]
+        row = [a for a in linears if a not in column]
+        unused = [a for a in linears if not calls[a]]
+        if unused:
+            self.refuse(original, f"linear `{name}.{unused[0]}`", "it is never called in forward")
+            return cls
+        fusions: list[Fusion] = []
+        why_replicated = None
+        sliced = _sliced_outputs(fwd, set(column))
+        if sliced is not None:
+            why_replicated = (f"the output of {', '.join(column)} is sliced by offsets (`{code(sliced)[:50]}`, "
+                              f"line {self.line(sliced) or '?'}), which column sharding would break")
+        elif not column or not row:
+            why_replicated = "no column -> row dataflow through the block"
+        elif attention:
+            qkv = self._qkv(linears, column)
+            if qkv is None:
+                why_replicated = "its q/k/v projections could not be matched to heads x head_size"
+            else:
+                fusions.append(qkv)
+        elif len(column) >= 2:
+            biases = {_linear_parts(linears[a])[2] for a in column}
+            ins = [_linear_parts(linears[a])[0] for a in column]
+            if len(biases) == 1 and all(same_code(ins[0], i) for i in ins):
+                fusions.append(Fusion(_fused_name(column), list(column), list(range(len(column)))))
+            else:
+                why_replicated = "its input projections differ in input size or bias"
+        sharded = why_replicated is None
+        self.ctx.sharded[name] = sharded
+        self.ctx.fusions[name] = fusions
+        if not sharded:
+            self.note(original, f"{name}: linears {', '.join(linears)} -> ReplicatedLinear ({why_replicated})")
+        if attention:
+            self._record_heads(name, cls, linears, fusions)
+        new_init = self._rewrite_init(ms["__init__"], linears, column, fusions, sharded)
+        new_fwd = self._rewrite_forward(fwd, linears, fusions)
+        body = [new_init if s is ms["__init__"] else new_fwd if s is fwd else s for s in cls.body.body]
+        return cls.with_changes(body=cls.body.with_changes(body=body))
+
+    def _qkv(self, linears, column) -> Fusion | None:
+        if len(column) != 3:
+            return None
+        parts = [_linear_parts(linears[a]) for a in column]
+        heads = [_split_heads(out) for _, out, _ in parts]
+        if None in heads or len({b for *_, b in parts}) != 1 or \
+                not all(same_code(parts[0][0], p[0]) for p in parts):
+            return None
+        if len({hd for _, hd in heads}) != 1 or heads[1][0] != heads[2][0]:
+            return None
+        return Fusion(_fused_name(column), list(column), ["q", "k", "v"])
+
+    def _record_heads(self, name, cls, linears, fusions) -> None:
+        if fusions:
+            f = fusions[0].fused
+            self.ctx.attn_heads[name] = (f"self.{f}.num_heads", f"self.{f}.num_kv_heads", f"self.{f}.head_size")
+            return
+        assigned = {a for a, _ in init_assignments(cls)}
+        text = code(cls)
+        init = methods(cls)["__init__"]
+        cfg = param_names(init)[1] if len(param_names(init)) > 1 else "config"
+        head = next((f"self.{h}" for h in ("head_dim", "head_size") if h in assigned), None)
+        if head is None:
+            self.refuse(cls, f"attention `{name}`", "cannot tell its head size (no self.head_dim / self.head_size)")
+            return
+        kv = f"{cfg}.num_key_value_heads" if "num_key_value_heads" in text else f"{cfg}.num_attention_heads"
+        self.ctx.attn_heads[name] = (f"{cfg}.num_attention_heads", kv, head)
+
+    def _rewrite_init(self, init: cst.FunctionDef, linears, column, fusions, sharded) -> cst.FunctionDef:
+        fused_members = {m: f for f in fusions for m in f.members}
+        body = []
+        for stmt in init.body.body:
+            attr = None
+            if isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and isinstance(stmt.body[0], cst.Assign):
+                attr = self_attr(stmt.body[0].targets[0].target)
+            if attr not in linears:
+                body.append(stmt)
+                continue
+            in_f, out_f, bias = _linear_parts(linears[attr])
+            if attr in fused_members:
+                f = fused_members[attr]
+                if attr != f.members[0]:
+                    continue
+                if f.shard_ids == ["q", "k", "v"]:
+                    q_heads, hd = _split_heads(_linear_parts(linears[f.members[0]])[1])
+                    kv_heads, _ = _split_heads(_linear_parts(linears[f.members[1]])[1])
+                    src = (f"self.{f.fused} = QKVParallelLinear(\n    hidden_size={code(in_f)},\n    head_size={hd},\n"
+                           f"    total_num_heads={q_heads},\n    total_num_kv_heads={kv_heads},\n    bias={bias},\n)\n")
+                    kind = "QKVParallelLinear (sharded by heads)"
+                else:
+                    outs = ", ".join(code(_linear_parts(linears[m])[1]) for m in f.members)
+                    src = (f"self.{f.fused} = MergedColumnParallelLinear(\n    {code(in_f)},\n    [{outs}],\n"
+                           f"    bias={bias},\n)\n")
+                    kind = "MergedColumnParallelLinear"
+                new = parse_stmt(src).with_changes(leading_lines=stmt.leading_lines)
+                self.note(stmt, f"{', '.join(f.members)} -> {f.fused} = {kind}")
+                body.append(new)
+                continue
+            layer = "ReplicatedLinear" if not sharded else (
+                "ColumnParallelLinear" if attr in column else "RowParallelLinear")
+            call = linears[attr]
+            body.append(stmt.with_changes(body=[stmt.body[0].with_changes(
+                value=call.with_changes(func=cst.Name(layer)))]))
+            if sharded:
+                self.note(stmt, f"{attr}: nn.Linear -> {layer} "
+                                f"({'reads the block input' if attr in column else 'reads a sharded intermediate'})")
+        return init.with_changes(body=init.body.with_changes(body=body))
+
+    def _rewrite_forward(self, fwd: cst.FunctionDef, linears, fusions) -> cst.FunctionDef:
+        taken = set(loads(fwd)) | {n for n in code(fwd).replace("(", " ").replace(",", " ").split()}
+        member_var: dict[str, str] = {}
+        fused_of: dict[str, Fusion] = {}
+        for f in fusions:
+            for m in f.members:
+                v = _local(m)
+                while v in taken:
+                    v += "_out"
+                member_var[m] = v
+                fused_of[m] = f
+        pending = {f.fused: f for f in fusions}
+        pass_self = self
+
+        class Calls(cst.CSTTransformer):
+            """Fused members -> their split outputs; other linears -> the output of the (out, bias) pair."""
+
+            def leave_Call(self, o, u):
+                a = self_call_attr(u)
+                if a in member_var:
+                    return cst.Name(member_var[a])
+                return u
+
+        def rewrite_small(small):
+            if isinstance(small, cst.Assign) and len(small.targets) == 1 and \
+                    isinstance(small.targets[0].target, cst.Name) and self_call_attr(small.value) in linears \
+                    and self_call_attr(small.value) not in member_var:
+                target = small.targets[0].target
+                inner = small.value.with_changes(args=[a.visit(Nested()) for a in small.value.args])
+                return small.with_changes(value=inner, targets=[small.targets[0].with_changes(
+                    target=cst.Tuple([cst.Element(target), cst.Element(cst.Name("_"))], lpar=[], rpar=[]))])
+            return None
+
+        class Nested(cst.CSTTransformer):
+            def leave_Call(self, o, u):
+                a = self_call_attr(u)
+                if a in linears and a not in member_var:
+                    return cst.Subscript(u, [cst.SubscriptElement(cst.Index(cst.Integer("0")))])
+                return u
+
+        def rewrite_statement(stmt):
+            prelude = []
+            members_here = [m for m in member_var if _calls_of(stmt, m)]
+            for m in members_here:
+                f = fused_of[m]
+                if f.fused in pending:
+                    pending.pop(f.fused)
+                    arg = code(_calls_of(stmt, m)[0].args[0].value)
+                    fv = _local(f.fused)
+                    while fv in taken:
+                        fv += "_out"
+                    outs = ", ".join(member_var[x] for x in f.members)
+                    prelude.append(parse_stmt(f"{fv}, _ = self.{f.fused}({arg})\n"))
+                    prelude.append(parse_stmt(f"{outs} = {fv}.split(self.{f.fused}.output_partition_sizes, dim=-1)\n"))
+            stmt = stmt.visit(Calls())
+            if isinstance(stmt, cst.SimpleStatementLine):
+                new_body = []
+                for small in stmt.body:
+                    r = rewrite_small(small)
+                    new_body.append(r if r is not None else small.visit(Nested()))
+                stmt = stmt.with_changes(body=new_body)
+            else:
+                stmt = stmt.visit(Nested())
+            if prelude:
+                prelude[0] = prelude[0].with_changes(leading_lines=stmt.leading_lines)
+                stmt = stmt.with_changes(leading_lines=[])
+            return prelude + [stmt]
+
+        body = []
+        for stmt in fwd.body.body:
+            new = rewrite_statement(stmt) if isinstance(stmt, cst.SimpleStatementLine) else \
+                [stmt.visit(Calls()).visit(Nested())]
+            body += new
+        if pending:
+            pass_self.refuse(fwd, f"fused projection {', '.join(pending)}",
+                             "its members are not called at the top level of forward")
+        return fwd.with_changes(body=fwd.body.with_changes(body=body))

@@ -1,0 +1,120 @@
+"""The converter: parse -> analyse -> passes -> tidy. The source is parsed, never imported or executed."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import libcst as cst
+
+from porter.convert.analyse import analyse
+from porter.convert.attention import AttentionCall
+from porter.convert.context import Context, SourceLines
+from porter.convert.flatten import FlattenForward
+from porter.convert.head import DERIVED_KEYS, CausalLMHead
+from porter.convert.imports import ResolveRelativeImports
+from porter.convert.layout import tidy_layout
+from porter.convert.parallel import ParallelLinears
+from porter.convert.plumbing import DropPlumbing
+from porter.convert.prefix import ThreadPrefix
+from porter.convert.report import ConversionError, Report
+from porter.convert.specialise import DropDropout, InferenceFacts, prune, signatures
+from porter.convert.tidy import Tidy
+
+# identifiers that must not survive an inference port (a test scans the output for them too)
+FORBIDDEN = ("training", "past_key_values", "attention_mask", "labels", "output_attentions")
+
+HEADER = '''"""{name}: engine model converted by `porter convert` from {source}.
+
+Flat [num_tokens] inputs, paged attention through the engine's Attention layer, tensor-parallel
+layers, and load_weights for the HF checkpoint layout.
+"""
+'''
+
+
+@dataclass
+class ConvertResult:
+    code: str
+    report: Report
+    architecture: str
+
+
+def transformers_package(path: Path) -> str | None:
+    """`.../transformers/models/llama/modeling_llama.py` -> "transformers.models.llama"."""
+    parts = path.resolve().parts
+    if "transformers" not in parts:
+        return None
+    i = len(parts) - 1 - parts[::-1].index("transformers")
+    return ".".join(parts[i:-1])
+
+
+def convert_source(source: str, filename: str = "<source>", *, package: str | None = None,
+                   model_type: str | None = None) -> ConvertResult:
+    report = Report(filename)
+    t0 = time.perf_counter()
+    try:
+        module = cst.parse_module(source)
+    except cst.ParserSyntaxError as e:
+        report.refuse("Python source", e.raw_line, f"does not parse: {e.message}")
+        raise ConversionError(filename, report.refusals) from None
+    ctx = Context(filename=filename, report=report, lines=SourceLines(module), package=package,
+                  model_type=model_type)
+    report.timings["parse"] = time.perf_counter() - t0
+
+    def step(label, fn):
+        nonlocal module
+        t = time.perf_counter()
+        module = fn(module)
+        report.timings[label] = report.timings.get(label, 0.0) + time.perf_counter() - t
+        report.raise_if_refused()
+
+    step("analyse", lambda m: (analyse(m, ctx), m)[1])
+    step("imports", lambda m: m.visit(ResolveRelativeImports(ctx)))
+    step("plumbing", lambda m: m.visit(DropPlumbing(ctx)))
+    assumed = signatures(module)
+    step("specialise", lambda m: m.visit(InferenceFacts(ctx)).visit(DropDropout(ctx)))
+
+    def _prune(m):
+        nonlocal assumed
+        m, assumed = prune(m, ctx, assumed)
+        return m
+
+    step("specialise", _prune)
+    step("flatten", lambda m: m.visit(FlattenForward(ctx)))
+    step("parallel", lambda m: m.visit(ParallelLinears(ctx)))
+    step("attention", lambda m: m.visit(AttentionCall(ctx)))
+    step("specialise", _prune)
+    step("prefix", lambda m: m.visit(ThreadPrefix(ctx)))
+    step("head", lambda m: m.visit(CausalLMHead(ctx)))
+    skipped = DERIVED_KEYS + list(ctx.ignore_unexpected)
+    step("tidy", lambda m: Tidy(ctx, skipped).run(m))
+    step("layout", tidy_layout)
+    step("header", lambda m: _with_header(m, ctx, filename))
+    out = module.code
+    _check_leftovers(out, ctx)
+    report.raise_if_refused()
+    report.timings["total"] = time.perf_counter() - t0
+    return ConvertResult(out, report, ctx.roles.causal_lm)
+
+
+def _with_header(module: cst.Module, ctx: Context, filename: str) -> cst.Module:
+    doc = cst.parse_module(HEADER.format(name=ctx.roles.causal_lm, source=Path(filename).name)).body
+    body = list(module.body)
+    while body and isinstance(body[0], cst.SimpleStatementLine) and isinstance(body[0].body[0], cst.Expr):
+        body.pop(0)  # HF module docstring
+    return module.with_changes(header=[], body=[*doc, *body])
+
+
+def _check_leftovers(text: str, ctx: Context) -> None:
+    for i, line in enumerate(text.splitlines(), 1):
+        stripped = line.split("#", 1)[0]
+        for word in FORBIDDEN:
+            if re.search(rf"\b{word}\b", stripped):
+                ctx.report.refuse(f"leftover `{word}`", None,
+                                  f"generated line {i} still mentions it: {line.strip()[:80]}")
+
+
+def convert_file(path: str | Path, model_type: str | None = None) -> ConvertResult:
+    path = Path(path)
+    return convert_source(path.read_text(), str(path), package=transformers_package(path), model_type=model_type)
