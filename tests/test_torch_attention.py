@@ -147,6 +147,8 @@ def test_backend_choice_and_errors():
     with set_current_engine_config(cfg), pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         Attention(2, D, 1.0)
     assert Attention(2, D, 1.0).backend is tb  # no config current: the torch reference
+    with set_current_engine_config(EngineConfig(hf_config=None, attention_backend="triton")):
+        assert Attention(2, D, 1.0).backend.__name__ == "porter.engine.backends.triton_backend"
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         Attention(3, D, 1.0, 2)
     with pytest.raises(ValueError, match="sinks has 3 values for 2"):
