@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         try:
             report = run_verify(opts)
         except (VerifyInputError, ValueError) as exc:
-            err.print(f"[red]error:[/] {exc}", markup=True)
+            err.print(f"[red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(EXIT_USAGE)
         report.render(Console(highlight=False))
         if json_out is not None:

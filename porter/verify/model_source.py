@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PretrainedConfig
 
 from porter.verify.errors import VerifyInputError
+
+
+class ConversionFailed(Exception):
+    """The converter refused or crashed: verify reports it as a failure of the architecture (exit 1)."""
 
 
 @dataclass
@@ -43,21 +46,22 @@ def hf_modeling_file(ckpt: Path, hf_config: PretrainedConfig) -> Path:
 
 def converted_model_file(ckpt: Path, hf_config: PretrainedConfig, work_dir: Path) -> Path:
     """Convert the architecture's modeling file into `work_dir` and return the engine model file."""
-    from porter.convert import convert_file  # imported late: the converter is optional for verify
+    from porter.convert import convert_file, convert_source  # late: the converter is optional for verify
 
     source = hf_modeling_file(ckpt, hf_config)
     work_dir.mkdir(parents=True, exist_ok=True)
     dest = work_dir / f"{source.stem.replace('modeling_', '')}_engine.py"
     try:
-        result = convert_file(source, dest)
+        if source.parent == ckpt.resolve() or source.parent == ckpt:
+            # auto_map code: transformers imported it as package transformers_modules.<dir>, so its
+            # relative imports (`from .configuration_foo import FooConfig`) resolve against that package
+            package = type(hf_config).__module__.rpartition(".")[0]
+            result = convert_source(source.read_text(), str(source), package=package, model_type=hf_config.model_type)
+        else:
+            result = convert_file(source, model_type=hf_config.model_type)
     except Exception as exc:  # noqa: BLE001 - a conversion failure is the verdict on this architecture
-        raise VerifyInputError(f"porter convert failed on {source}: {type(exc).__name__}: {exc}") from exc
-    if isinstance(result, str) and not dest.exists():
-        dest.write_text(result)
-    # custom code: the converted file may import its sibling configuration module
-    if source.parent == ckpt:
-        for sibling in ckpt.glob("configuration_*.py"):
-            shutil.copy(sibling, work_dir / sibling.name)
+        raise ConversionFailed(f"porter convert failed on {source}: {type(exc).__name__}: {exc}") from exc
+    dest.write_text(result.code)
     return dest
 
 
@@ -66,15 +70,6 @@ def choose(ckpt: Path, hf_config: PretrainedConfig, model_file: Path | None, bui
     if model_file is not None:
         return ModelSource(model_file, f"file:{model_file}")
     if builtin:
-        return ModelSource(None, "registry")
-    try:
-        import porter.convert as convert_pkg
-
-        has_converter = callable(getattr(convert_pkg, "convert_file", None))
-    except ImportError:
-        has_converter = False
-    if not has_converter:
-        notes.append("porter convert is not available: verified the registry's built-in engine model instead")
         return ModelSource(None, "registry")
     dest = converted_model_file(ckpt, hf_config, work_dir)
     return ModelSource(dest, f"converted:{hf_modeling_file(ckpt, hf_config).name}")

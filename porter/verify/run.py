@@ -14,7 +14,7 @@ from porter.verify import checkpoint, engine_side, reference
 from porter.verify.compare import Check, check_greedy, check_prefill
 from porter.verify.errors import VerifyInputError
 from porter.verify.localise import localise
-from porter.verify.model_source import ModelSource, choose
+from porter.verify.model_source import ConversionFailed, ModelSource, choose
 from porter.verify.prompts import make_prompts
 from porter.verify.report import Report
 from porter.verify.tiny import make_tiny_checkpoint
@@ -109,7 +109,12 @@ def reference_run(opts: VerifyOptions, ckpt: Path, hf_config) -> Reference:
 def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
     hf_config = checkpoint.load_config(ckpt)
     notes: list[str] = []
-    source = choose(ckpt, hf_config, opts.model_file, opts.builtin, tmp / "converted", notes)
+    try:
+        source = choose(ckpt, hf_config, opts.model_file, opts.builtin, tmp / "converted", notes)
+    except ConversionFailed as exc:  # the architecture does not convert: a verdict, not a usage error
+        report = _empty_report(opts, ckpt, hf_config, "converted", notes)
+        report.checks.append(Check("convert", False, {}, str(exc)))
+        return report
     cls = engine_side.resolve_model_class(hf_config, source.model_file)  # before HF runs: fail fast on bad input
     ref = reference_run(opts, ckpt, hf_config)
     return check_engine(opts, ckpt, hf_config, cls, source, ref, notes)
@@ -121,11 +126,7 @@ def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: 
     dtype, device = DTYPES[opts.dtype], opts.device
     low_precision = dtype != torch.float32
     prompts = ref.prompts
-    report = Report(
-        target=opts.target, checkpoint=str(ckpt), architecture=",".join(hf_config.architectures or ["?"]),
-        engine_model=source.label, dtype=opts.dtype, device=device,
-        prompt_lengths=[len(p) for p in prompts], max_tokens=opts.max_tokens, notes=list(notes or []),
-    )
+    report = _empty_report(opts, ckpt, hf_config, source.label, notes, prompts)
     # the engine model itself, built and loaded key by key: weight report and prefill logits
     try:
         engine_model = engine_side.build_model(cls, hf_config, dtype, device)
@@ -156,6 +157,14 @@ def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: 
         except Exception as exc:  # noqa: BLE001 - localisation is best effort on top of the verdict
             report.notes.append(f"localisation failed: {_describe(exc)}")
     return report
+
+
+def _empty_report(opts, ckpt, hf_config, label, notes, prompts=()) -> Report:
+    return Report(
+        target=opts.target, checkpoint=str(ckpt), architecture=",".join(hf_config.architectures or ["?"]),
+        engine_model=label, dtype=opts.dtype, device=opts.device,
+        prompt_lengths=[len(p) for p in prompts], max_tokens=opts.max_tokens, notes=list(notes or []),
+    )
 
 
 def _describe(exc: Exception) -> str:
