@@ -97,8 +97,13 @@ class _Loads(cst.CSTVisitor):
 
     def _targets(self, targets) -> None:
         for t in targets:
-            if target_names(t) is None:
-                t.visit(self)
+            if target_names(t) is not None:
+                continue
+            if isinstance(t, cst.Subscript) and isinstance(t.value, cst.Name):
+                for el in t.slice:  # `x[key] = ...` mutates x; only the key is read
+                    el.visit(self)
+                continue
+            t.visit(self)
 
     def visit_Assign(self, node: cst.Assign) -> bool:
         self._targets([t.target for t in node.targets])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.convert.context import Pass
-from porter.convert.cst_util import code, dotted, kwarg, loads, param_names
+from porter.convert.cst_util import code, dotted, init_assignments, kwarg, loads, param_names, self_attr
 from porter.convert.imports import import_origins
 
 _BASE_SIGNATURE = cst.parse_statement(
@@ -43,6 +43,11 @@ class _Rename(cst.CSTTransformer):
         return updated.with_changes(attr=original.attr)
 
 
+def _head_view(node) -> bool:
+    return isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and \
+        node.func.attr.value in ("view", "reshape")
+
+
 class _PositionsGiven(cst.CSTTransformer):
     """The engine always passes positions: fold `if positions is None:` branches."""
 
@@ -66,6 +71,9 @@ class FlattenForward(Pass):
 
     def visit_ClassDef(self, node):
         self._cls.append(node.name.value)
+        # per-head norms (q_norm/k_norm) act on the last dim, so they commute with the head transpose
+        self.norms = {a for a, v in init_assignments(node) if isinstance(v, cst.Call)
+                      and (dotted(v.func) or "").endswith("Norm")}
 
     def leave_ClassDef(self, original, updated):
         self._cls.pop()
@@ -114,8 +122,8 @@ class FlattenForward(Pass):
         if isinstance(f, cst.Attribute) and f.attr.value == "transpose" and \
                 [code(a.value) for a in updated.args] == ["1", "2"]:
             inner = f.value
-            if isinstance(inner, cst.Call) and isinstance(inner.func, cst.Attribute) and \
-                    inner.func.attr.value in ("view", "reshape"):
+            if _head_view(inner) or (isinstance(inner, cst.Call) and self_attr(inner.func) in self.norms
+                                     and len(inner.args) == 1 and _head_view(inner.args[0].value)):
                 self.note(original, f"`{code(original)}` -> `{code(inner)}` (flat [T, heads, head_dim])")
                 return inner
             self.refuse(original, f"`{code(original)}`",

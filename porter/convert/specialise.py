@@ -392,6 +392,13 @@ class _UnusedParams(Pass):
         return updated.with_changes(params=p.with_changes(params=keep))
 
 
+def _stored_names(target) -> list[str] | None:
+    """Names an assignment writes: plain targets, or the container of `x[key] = ...`."""
+    if isinstance(target, cst.Subscript) and isinstance(target.value, cst.Name):
+        return [target.value.value]
+    return target_names(target)
+
+
 def _prune_block(stmts, used, notes) -> list:
     out = []
     for s in stmts:
@@ -400,7 +407,7 @@ def _prune_block(stmts, used, notes) -> list:
             for small in s.body:
                 if isinstance(small, (cst.Assign, cst.AnnAssign)) and small.value is not None:
                     targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) else [small.target]
-                    names = [n for t in targets for n in (target_names(t) or ["<complex>"])]
+                    names = [n for t in targets for n in (_stored_names(t) or ["<complex>"])]
                     if "<complex>" not in names and not any(used[n] for n in names) and is_pure(small.value):
                         notes.append((s, f"removed dead assignment `{code(small).strip()[:60]}`"))
                         continue
