@@ -35,17 +35,18 @@ class MoEConfig:
     num_stages: int = 3
 
 
-def pick_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
-    """Tile sizes by the mean rows per expert: small blocks for decode, 128-row tiles for prefill."""
-    if _INTERPRETED:  # few, small tiles: each interpreted tile iteration costs milliseconds
+def pick_config(num_tokens: int, top_k: int, num_experts: int, interpreted: bool = _INTERPRETED) -> MoEConfig:
+    """Tiles by the mean rows per expert. Chosen from a sweep on an H100 (benchmarks/bench_moe.py
+    --sweep, Mixtral and Qwen2-MoE shapes, 1-4096 tokens): at small counts the kernels stream the
+    weights, so thin tiles with a long K step keep more loads in flight; past ~32 rows per expert,
+    128x128 tiles win even though each expert's run is padded to 128 rows."""
+    if interpreted:  # few, small tiles: each interpreted tile iteration costs milliseconds
         return MoEConfig(16, 32, 32, 32, 32, group_m=1)
     rows = num_tokens * top_k / num_experts
-    if rows <= 16:
-        return MoEConfig(16, 64, 128, 64, 128, group_m=1, num_warps=4, num_stages=4)
-    if rows <= 64:
+    if rows <= 8:
+        return MoEConfig(16, 32, 256, 32, 256, group_m=1, num_warps=4, num_stages=3)
+    if rows <= 32:
         return MoEConfig(32, 64, 128, 64, 128, num_warps=4, num_stages=3)
-    if rows <= 256:
-        return MoEConfig(64, 64, 64, 128, 64, num_warps=4, num_stages=4)
     return MoEConfig(128, 128, 64, 128, 64, num_warps=8, num_stages=3)
 
 

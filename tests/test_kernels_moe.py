@@ -78,10 +78,15 @@ def test_kernel_matches_reference_fp32(activation):
     torch.testing.assert_close(out, moe_reference(x, w13, w2, w, ids, activation), rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_ragged_shapes_and_several_k_steps():
+# The GPU's picks (tokens 1, 64, 4096 of 8 experts, top-2) besides a config with several K steps.
+CONFIGS = [MoEConfig(block_m=16, gate_up_n=16, gate_up_k=16, down_n=16, down_k=16, group_m=2)]
+CONFIGS += [pick_config(t, 2, 8, interpreted=False) for t in (1, 64, 4096)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_kernel_ragged_shapes_and_tile_configs(cfg):
     # H=40, I=24 are not tile multiples; BLOCK_K=16 walks 3 steps over H and 2 over I.
     x, w13, w2, w, ids = make_problem(7, 40, 24, 3, 2, seed=2)
-    cfg = MoEConfig(block_m=16, gate_up_n=16, gate_up_k=16, down_n=16, down_k=16, group_m=2)
     out = fused_moe(x, w13, w2, w, ids, config=cfg)
     torch.testing.assert_close(out, moe_reference(x, w13, w2, w, ids), rtol=1e-5, atol=1e-5)
 
