@@ -6,7 +6,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/porter-gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps wheels/*.whl 2>&1 | grep -v -i warning
-python3 -m pip install -q --no-deps -e . 2>&1 | grep -v -i warning
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
