@@ -11,6 +11,7 @@ from porter.commands import run as _run  # noqa: E402
 
 _run.register(app)
 from porter.commands import verify as _verify; _verify.register(app)  # noqa: E402,E702
+from porter.commands import convert as _convert; _convert.register(app)  # noqa: E402,E702
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -26,6 +26,7 @@ def _mentions_interface(node: cst.CSTNode) -> bool:
 
 class AttentionCall(Pass):
     name = "attention"
+    scope = "classes"
 
     def visit_Module(self, node: cst.Module) -> None:
         self.module_names = {s.name.value for s in node.body if isinstance(s, (cst.ClassDef, cst.FunctionDef))}

@@ -78,12 +78,32 @@ class Pass(cst.CSTTransformer):
     """One rewrite. Subclasses set `name`; `note` records a change at a node's original line."""
 
     name = "pass"
+    # what the pass needs to walk: None = everything, "classes" = class bodies only, "blocks" = only the
+    # classes whose forward the converter rewrites (skipping the rest keeps conversion fast)
+    scope: str | None = None
 
     def __init__(self, ctx: Context):
         super().__init__()
         self.ctx = ctx
 
+    def on_visit(self, node) -> bool:
+        result = super().on_visit(node)
+        if self.scope == "top" and isinstance(node, (cst.ClassDef, cst.FunctionDef)):
+            return False
+        if self.scope is not None:
+            if isinstance(node, cst.FunctionDef) and not self._in_class:
+                return False
+            if isinstance(node, cst.ClassDef):
+                if self.scope == "blocks" and node.name.value not in self.ctx.roles.blocks:
+                    return False
+                self._in_class = True
+        return result
+
+    _in_class = False
+
     def on_leave(self, original_node, updated_node):
+        if isinstance(original_node, cst.ClassDef):
+            self._in_class = False
         result = super().on_leave(original_node, updated_node)
         if isinstance(result, cst.CSTNode) and result is not original_node:
             self.ctx.lines.carry(original_node, result)

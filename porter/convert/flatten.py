@@ -64,6 +64,7 @@ class _PositionsGiven(cst.CSTTransformer):
 
 class FlattenForward(Pass):
     name = "flatten"
+    scope = "classes"
 
     def visit_Module(self, node: cst.Module) -> None:
         self.origins = import_origins(node)

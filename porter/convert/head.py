@@ -5,8 +5,11 @@ and `load_weights` with the `stacked_params_mapping` of the fusions made. The ba
 `embed_input_ids`."""
 from __future__ import annotations
 
+import ast
+import functools
 import re
 from importlib import resources
+from pathlib import Path
 
 import jinja2
 import libcst as cst
@@ -35,28 +38,57 @@ def _template() -> jinja2.Template:
     return jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined).from_string(text)
 
 
-def checkpoint_renames(class_name: str, model_type: str | None) -> tuple[list[tuple[str, str]], list[str]]:
-    """transformers' own on-disk -> module key renames for this class (conversion_mapping.py);
-    returns (renames, names of conversions that are more than a rename)."""
+@functools.lru_cache(maxsize=1)
+def _conversion_table() -> dict[str, list[tuple[str, tuple | None]]]:
+    """transformers' conversion_mapping.py, read as source (importing it would pull in torch and the
+    loading machinery): key -> [(transform class, (source, target) for a plain rename else None)]."""
     try:
-        from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
-    except ImportError:  # older transformers: keys are saved as module names
-        return [], []
-    renames, other = [], []
+        import transformers
+    except ImportError:
+        return {}
+    path = Path(transformers.__file__).parent / "conversion_mapping.py"
+    if not path.is_file():
+        return {}
+    table: dict[str, list] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Dict):
+            continue
+        for key, value in zip(node.keys, node.values):
+            if isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(value, ast.List):
+                table.setdefault(key.value, [])
+                for call in value.elts:
+                    table[key.value].append(_transform(call))
+    return table
+
+
+def _transform(call) -> tuple[str, tuple | None]:
+    if not isinstance(call, ast.Call):
+        return ("unknown", None)
+    kind = getattr(call.func, "id", None) or getattr(call.func, "attr", "unknown")
+    args = {k.arg: k.value for k in call.keywords}
+    for name, value in zip(("source_patterns", "target_patterns"), call.args):
+        args.setdefault(name, value)
+    src, dst = args.get("source_patterns"), args.get("target_patterns")
+    if kind == "WeightRenaming" and isinstance(src, ast.Constant) and isinstance(dst, ast.Constant) \
+            and not {"operations", "distributed_operation", "quantization_operation"} & set(args):
+        return (kind, (src.value, dst.value))
+    return (kind, None)
+
+
+def checkpoint_renames(class_name: str, model_type: str | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """transformers' own on-disk -> module key renames for this class (conversion_mapping.py, looked up
+    by class name, then model type); returns (renames, kinds of conversions that are more than renames)."""
+    table = _conversion_table()
     for key in (class_name, model_type):
-        entries = get_checkpoint_conversion_mapping(key) if key else None
-        for t in entries or []:
-            if type(t) is WeightRenaming and len(t.source_patterns) == 1:
-                renames.append((t.source_patterns[0], t.target_patterns[0]))
-            else:
-                other.append(type(t).__name__)
-        if entries:
-            break
-    return renames, other
+        if key and table.get(key):
+            renames = [pair for _, pair in table[key] if pair is not None]
+            return renames, [kind for kind, pair in table[key] if pair is None]
+    return [], []
 
 
 class CausalLMHead(Pass):
     name = "head"
+    scope = "classes"
 
     def visit_Module(self, node: cst.Module) -> None:
         cls = {s.name.value: s for s in node.body if isinstance(s, cst.ClassDef)}

@@ -14,6 +14,7 @@ def _module_expr(dotted_name: str) -> cst.BaseExpression:
 
 class ResolveRelativeImports(Pass):
     name = "imports"
+    scope = "top"
 
     def leave_ImportFrom(self, original: cst.ImportFrom, updated: cst.ImportFrom):
         level = len(updated.relative)

@@ -106,6 +106,7 @@ def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
 
 class ParallelLinears(Pass):
     name = "parallel"
+    scope = "classes"
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = updated.name.value

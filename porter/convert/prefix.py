@@ -68,6 +68,7 @@ class _PrefixArgs(cst.CSTTransformer):
 
 class ThreadPrefix(Pass):
     name = "prefix"
+    scope = "classes"
 
     def visit_Module(self, node: cst.Module) -> None:
         self.needs = prefix_classes(node, self.ctx)

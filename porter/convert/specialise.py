@@ -53,6 +53,7 @@ class InferenceFacts(Pass):
     """Substitute the inference facts into block forwards, drop their parameters and fold constants."""
 
     name = "specialise"
+    scope = "blocks"
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
@@ -198,6 +199,7 @@ class DropDropout(Pass):
     """Dropout is the identity at inference: drop the modules and unwrap their calls."""
 
     name = "specialise"
+    scope = "classes"
 
     def visit_Module(self, node: cst.Module) -> None:
         self.dropout_attrs: set[str] = set()
@@ -268,6 +270,7 @@ class _CallSites(Pass):
     signature the call sites were written against)."""
 
     name = "specialise"
+    scope = "blocks"  # callers of in-file classes are the blocks themselves
 
     def __init__(self, ctx, assumed: dict, current: dict, callees: dict):
         super().__init__(ctx)
@@ -363,6 +366,7 @@ class _UnusedParams(Pass):
     """Removes parameters a block's forward never reads (the base model's signature is fixed)."""
 
     name = "specialise"
+    scope = "blocks"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -441,6 +445,7 @@ class DropDeadCode(Pass):
     """Deletes assignments nobody reads (unless they run a submodule) and branches left empty."""
 
     name = "specialise"
+    scope = "blocks"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -482,13 +487,13 @@ def prune(module: cst.Module, ctx: Context, assumed: dict) -> tuple[cst.Module, 
     each class's call sites were written against; returns the module and the now-current signatures."""
     callees = callee_map(module)
     for _ in range(8):
-        before = module.code
+        before = len(ctx.report.changes)
         module = module.visit(_CallSites(ctx, assumed, signatures(module), callees))
         assumed = signatures(module)
         module = module.visit(DropDeadCode(ctx))
         module = module.visit(_UnusedParams(ctx))
         module = module.visit(_CallSites(ctx, assumed, signatures(module), callees))
         assumed = signatures(module)
-        if module.code == before:
+        if len(ctx.report.changes) == before:
             break
     return module, assumed

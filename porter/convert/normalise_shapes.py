@@ -1,0 +1,100 @@
+"""Normalise `[batch, seq, hidden]` shape unpacking into the leading-dims idiom that flattens.
+
+    batch_size, sequence_length, hidden_dim = x.shape        ->  *lead_shape, hidden_dim = x.shape
+    y.reshape(batch_size, sequence_length, hidden_dim)       ->  y.reshape(*lead_shape, hidden_dim)
+
+Only when the batch and sequence names are read nowhere else than as that consecutive pair of
+`view`/`reshape` arguments: then the code means "restore the leading dims", which is `(T,)` on the
+engine's flat tokens. Any other use (`bsz * q_len`, a loop bound) is left for the flatten pass to refuse.
+"""
+from __future__ import annotations
+
+import libcst as cst
+
+from porter.convert.context import Context
+from porter.convert.cst_util import code, loads
+
+_LEAD = "lead_shape"
+
+
+def _unpack(stmt: cst.CSTNode) -> tuple[str, str, str] | None:
+    if not (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and isinstance(stmt.body[0], cst.Assign)):
+        return None
+    a = stmt.body[0]
+    t, v = a.targets[0].target, code(a.value)
+    if len(a.targets) != 1 or not isinstance(t, cst.Tuple) or len(t.elements) != 3:
+        return None
+    if not (v.endswith(".shape") or v.endswith(".size()")):
+        return None
+    names = [e.value.value if isinstance(e.value, cst.Name) else None for e in t.elements]
+    if None in names:
+        return None
+    return names[0], names[1], names[2]
+
+
+def _pair_calls(fn: cst.FunctionDef, b: str, s: str) -> int:
+    """How many view/reshape calls pass `b, s` as consecutive positional arguments."""
+    count = 0
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, n: cst.Call):
+            nonlocal count
+            if isinstance(n.func, cst.Attribute) and n.func.attr.value in ("view", "reshape"):
+                vals = [code(a.value) for a in n.args]
+                for i in range(len(vals) - 1):
+                    if vals[i] == b and vals[i + 1] == s:
+                        count += 1
+
+    fn.visit(V())
+    return count
+
+
+class _Rewrite(cst.CSTTransformer):
+    def __init__(self, b: str, s: str, unpack: cst.SimpleStatementLine):
+        super().__init__()
+        self.b, self.s, self.unpack = b, s, unpack
+
+    def leave_SimpleStatementLine(self, original, updated):
+        if original is self.unpack:
+            a = updated.body[0]
+            t = a.targets[0].target
+            new_t = cst.Tuple([cst.StarredElement(cst.Name(_LEAD)), cst.Element(t.elements[2].value)], lpar=[], rpar=[])
+            return updated.with_changes(body=[a.with_changes(targets=[a.targets[0].with_changes(target=new_t)])])
+        return updated
+
+    def leave_Call(self, original, updated: cst.Call):
+        if not (isinstance(updated.func, cst.Attribute) and updated.func.attr.value in ("view", "reshape")):
+            return updated
+        args = list(updated.args)
+        for i in range(len(args) - 1):
+            if code(args[i].value) == self.b and code(args[i + 1].value) == self.s:
+                star = cst.Arg(cst.Name(_LEAD), star="*", comma=args[i + 1].comma)
+                return updated.with_changes(args=[*args[:i], star, *args[i + 2:]])
+        return updated
+
+
+class _Functions(cst.CSTTransformer):
+    def __init__(self, ctx: Context):
+        super().__init__()
+        self.ctx = ctx
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        for stmt in updated.body.body:
+            got = _unpack(stmt)
+            if got is None:
+                continue
+            b, s, _ = got
+            used = loads(updated)
+            pairs = _pair_calls(updated, b, s)
+            # each name is read once per pair call (the unpacking itself is a store, not a read)
+            if pairs == 0 or used[b] != pairs or used[s] != pairs or _LEAD in used:
+                continue
+            line = self.ctx.lines.of(stmt)
+            updated = updated.visit(_Rewrite(b, s, stmt))
+            self.ctx.report.change("shapes", line, f"`{b}, {s}, ...` shape unpacking -> `*{_LEAD}, ...` "
+                                                   "(leading dims, flat tokens on the engine)")
+        return updated
+
+
+def normalise_shapes(module: cst.Module, ctx: Context) -> cst.Module:
+    return module.visit(_Functions(ctx))
