@@ -67,7 +67,10 @@ def shrink_config(config: PretrainedConfig) -> PretrainedConfig:
     kv_heads = getattr(config, "num_key_value_heads", None)
     for name, value in _SIZES.items():
         if getattr(config, name, None) is not None:
-            setattr(config, name, value)
+            try:
+                setattr(config, name, value)
+            except AttributeError:  # a derived, read-only property (e.g. head_dim of some configs)
+                pass
     if kv_heads is not None and heads:
         # keep the attention kind: MHA stays MHA, MQA stays MQA, GQA becomes 2 groups of 2
         setattr(config, "num_key_value_heads", HEADS if kv_heads == heads else 1 if kv_heads == 1 else HEADS // 2)
