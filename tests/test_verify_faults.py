@@ -1,7 +1,9 @@
 """Plant single faults in a correct engine Llama and check that verify fails and names the module.
 
-One tiny checkpoint (MHA so swapped q/k shards still load, attention_bias so a dropped bias shows) and
-one HF reference run are shared by every fault (module-scoped fixtures).
+Two correct files: the `porter convert` output of transformers' modeling_llama.py, and the hand-written
+engine/models/llama.py (fused norms, per-attention rotary module). One tiny checkpoint (MHA so swapped
+q/k shards still load, attention_bias so a dropped bias shows) and one HF reference run are shared by
+every fault (module-scoped fixtures).
 """
 from pathlib import Path
 
@@ -9,16 +11,17 @@ import pytest
 from transformers import LlamaConfig
 
 import porter.engine.models.llama as hand_written_llama
+from porter.convert import convert_file
 from porter.verify import checkpoint
 from porter.verify.engine_side import registry_snapshot, resolve_model_class
 from porter.verify.model_source import ModelSource
 from porter.verify.run import VerifyOptions, check_engine, cpu_threads, reference_run
 from porter.verify.tiny import make_tiny_checkpoint
 
-SOURCE = Path(hand_written_llama.__file__).read_text()
+HAND_WRITTEN = Path(hand_written_llama.__file__).read_text()
 
 # name -> (text in the correct file, planted replacement, module verify must name)
-FAULTS = {
+HAND_WRITTEN_FAULTS = {
     "dropped_o_proj_bias": (
         "self.hidden_size, bias=bias,",
         "self.hidden_size, bias=False,",
@@ -56,6 +59,58 @@ FAULTS = {
     ),
 }
 
+CONVERTED_FAULTS = {
+    "dropped_o_proj_bias": (
+        'bias=config.attention_bias,\n            prefix=f"{prefix}.o_proj"',
+        'bias=False,\n            prefix=f"{prefix}.o_proj"',
+        "model.layers.0.self_attn.o_proj",
+    ),
+    "swapped_qk_shard_ids": (
+        '("qkv_proj", "q_proj", "q"),\n            ("qkv_proj", "k_proj", "k"),',
+        '("qkv_proj", "q_proj", "k"),\n            ("qkv_proj", "k_proj", "q"),',
+        "model.layers.0.self_attn.qkv_proj",
+    ),
+    "wrong_rope_base": (  # the converted file keeps HF's shared rotary module, which HF also has
+        'base = config.rope_parameters["rope_theta"]',
+        'base = 10 * config.rope_parameters["rope_theta"]',
+        "model.rotary_emb",
+    ),
+    "norm_unit_offset": (
+        "return self.weight * hidden_states.to(input_dtype)",
+        "return (1.0 + self.weight) * hidden_states.to(input_dtype)",
+        "model.layers.0.input_layernorm",
+    ),
+    "wrong_norm_eps": (
+        "self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)",
+        "self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=1e-2)",
+        "model.layers.0.post_attention_layernorm",
+    ),
+    "query_position_off_by_one": (  # rope is relative: only a q/k offset shows
+        "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)",
+        "query_states, _ = apply_rotary_pos_emb(query_states, key_states, cos.roll(-1, 0), sin.roll(-1, 0))\n"
+        "        _, key_states = apply_rotary_pos_emb(key_states, key_states, cos, sin)",
+        "model.layers.0.self_attn",
+    ),
+    "wrong_attention_scale": (
+        "self.scaling = self.head_dim**-0.5",
+        "self.scaling = config.hidden_size**-0.5",
+        "model.layers.0.self_attn.attn",
+    ),
+}
+SOURCES = {"hand_written": HAND_WRITTEN_FAULTS, "converted": CONVERTED_FAULTS}
+
+
+@pytest.fixture(scope="module")
+def converted_llama() -> str:
+    import transformers.models.llama.modeling_llama as hf_llama
+
+    return convert_file(hf_llama.__file__, model_type="llama").code
+
+
+@pytest.fixture
+def correct_source(request, converted_llama) -> str:
+    return converted_llama if request.param == "converted" else HAND_WRITTEN
+
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
@@ -79,23 +134,27 @@ def _verify_source(shared, text: str, path: Path):
         return check_engine(opts, ckpt, hf_config, cls, ModelSource(path, f"file:{path}"), ref)
 
 
-def test_correct_file_passes(shared, tmp_path):
-    report = _verify_source(shared, SOURCE, tmp_path / "llama_ok.py")
+@pytest.mark.parametrize("correct_source", sorted(SOURCES), indirect=True)
+def test_correct_file_passes(shared, tmp_path, correct_source):
+    report = _verify_source(shared, correct_source, tmp_path / "llama_ok.py")
     assert report.passed, report.to_dict()
     assert report.localisation is None
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_planted_fault_is_caught_and_located(shared, tmp_path, fault):
-    old, new, module = FAULTS[fault]
-    assert SOURCE.count(old) == 1, f"the correct file changed: cannot plant {fault}"
-    report = _verify_source(shared, SOURCE.replace(old, new), tmp_path / f"llama_{fault}.py")
+@pytest.mark.parametrize("correct_source, fault", [(src, f) for src in sorted(SOURCES) for f in sorted(SOURCES[src])],
+                         indirect=["correct_source"])
+def test_planted_fault_is_caught_and_located(shared, tmp_path, correct_source, fault):
+    faults = HAND_WRITTEN_FAULTS if correct_source is HAND_WRITTEN else CONVERTED_FAULTS
+    old, new, module = faults[fault]
+    assert correct_source.count(old) == 1, f"the correct file changed: cannot plant {fault}"
+    report = _verify_source(shared, correct_source.replace(old, new), tmp_path / f"llama_{fault}.py")
     assert not report.passed
     divergence = report.divergence
     assert divergence is not None, report.to_dict()
     assert divergence["module"] == module, divergence
     assert divergence["summary"].startswith(f"{module}: max abs ")
-    if module == "model.layers.0.self_attn":  # a fault between submodules: the rotary is the suspect
+    if module == "model.layers.0.self_attn" and correct_source is HAND_WRITTEN:
+        # a fault between submodules: the engine-only rotary module is the suspect
         assert "model.layers.0.self_attn.rotary_emb" in divergence["suspects"]
     if fault == "dropped_o_proj_bias":
         assert "model.layers.0.self_attn.o_proj.bias" in report.weights.unused_keys
