@@ -5,8 +5,10 @@ kernel against its torch reference.
     python benchmarks/bench_kernels.py            # checks + decode grid + prefill points (~2-3 min)
     python benchmarks/bench_kernels.py --sweep    # also sweep decode tile configs on three shapes
 
-Timing: triton.testing.do_bench, median; KV inputs rotate over several block-table sets (disjoint
-blocks) so repeated calls do not read from L2. Writes JSON to $OUT/bench_kernels.json when OUT is set.
+Timing: triton.testing.do_bench, median, of a CUDA graph replaying GRAPH_CALLS calls (as the engine
+runs decode; "eager" columns time one plain call and so include Python launch overhead). KV inputs
+rotate over several block-table sets (disjoint blocks) so successive calls do not read from L2
+(do_bench also flushes L2 before each replay). Writes JSON to $OUT/bench_kernels.json when OUT is set.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from porter.kernels import reference as ref
 from porter.kernels.activation import gelu_and_mul, silu_and_mul
 from porter.kernels.decode_attention import DEFAULT_CONFIG, DecodeConfig, choose_num_splits, decode_attention
 from porter.kernels.kv_cache import write_kv_cache
-from porter.kernels.prefill_attention import prefill_attention
+from porter.kernels.prefill_attention import PrefillConfig, prefill_attention
 from porter.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from porter.kernels.rotary import apply_rotary
 
@@ -33,10 +35,24 @@ DEV = "cuda"
 DT = torch.bfloat16
 HQ, HKV, D, BS = 16, 8, 128, 16
 ROTATE_BYTES = 512 << 20  # rotate over at least this many bytes of KV (L2 is 50-60 MB)
+GRAPH_CALLS = 8
 
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")  # ms
+
+
+def bench_graph(fn):
+    """Median ms of one call, from a CUDA graph of GRAPH_CALLS calls (no launch overhead)."""
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    ms = bench(graph.replay) / GRAPH_CALLS
+    del graph
+    return ms
 
 
 def rel(a, b):
@@ -148,21 +164,28 @@ def kv_bytes(batch, ctx):
 
 
 def decode_inputs(batch, ctx):
-    sets = max(1, min(64, triton.cdiv(ROTATE_BYTES, kv_bytes(batch, ctx))))
+    sets = max(1, min(256, triton.cdiv(ROTATE_BYTES, kv_bytes(batch, ctx))))
     q, kc, vc, tables, _, lens = paged_inputs([ctx] * batch, [1] * batch, sets)
     return q, kc, vc, (tables if isinstance(tables, list) else [tables]), lens
 
 
-def time_decode(inputs, batch, ctx, config=DEFAULT_CONFIG):
+def time_decode(inputs, batch, ctx, config=DEFAULT_CONFIG, eager=True):
     q, kc, vc, tables, lens = inputs
     splits = choose_num_splits(batch, HKV, ctx, config)
     it = itertools.cycle(tables)
     out = torch.empty_like(q)
-    ms = bench(lambda: decode_attention(q, kc, vc, next(it), lens, scale=D ** -0.5, num_splits=splits,
-                                        out=out, config=config))
+
+    def run():
+        return decode_attention(q, kc, vc, next(it), lens, scale=D ** -0.5, num_splits=splits, out=out,
+                                config=config)
+
+    ms = bench_graph(run)
     nbytes = kv_bytes(batch, ctx) + 2 * q.numel() * q.element_size()
-    return dict(batch=batch, ctx=ctx, splits=splits, sets=len(tables), triton_us=ms * 1e3,
-                triton_gbs=nbytes / ms / 1e6)
+    row = dict(batch=batch, ctx=ctx, splits=splits, sets=len(tables), triton_us=ms * 1e3,
+               triton_gbs=nbytes / ms / 1e6)
+    if eager:
+        row["triton_eager_us"] = bench(run) * 1e3
+    return row
 
 
 def decode_point(batch, ctx):
@@ -186,46 +209,65 @@ def sdpa_point(batch, ctx, sets, nbytes):
             return F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)
 
     try:
-        ms = bench(run)
-        return dict(sdpa_us=ms * 1e3, sdpa_gbs=nbytes / ms / 1e6)
+        ms = bench_graph(run)
+        return dict(sdpa_us=ms * 1e3, sdpa_gbs=nbytes / ms / 1e6, sdpa_eager_us=bench(run) * 1e3)
     except RuntimeError as e:  # flash may refuse GQA on some torch builds: record why, time nothing
         return dict(sdpa_us=float("nan"), sdpa_gbs=float("nan"), sdpa_error=str(e).splitlines()[0][:100])
 
 
-def prefill_point(batch, q_len):
+def prefill_point(batch, q_len, configs=None):
     q, kc, vc, tables, starts, lens = paged_inputs([q_len] * batch, [q_len] * batch)
-    ms = bench(lambda: prefill_attention(q, kc, vc, starts, lens, tables, q_len, scale=D ** -0.5))
+    flops = 4 * batch * HQ * D * q_len * q_len / 2  # causal: half the score matrix
+    row = dict(batch=batch, q_len=q_len)
+    for cfg in configs or [None]:
+        kw = {} if cfg is None else dict(config=cfg)
+        ms = bench_graph(lambda: prefill_attention(q, kc, vc, starts, lens, tables, q_len, scale=D ** -0.5, **kw))
+        tag = "" if cfg is None else f"[{cfg.block_m},{cfg.block_n},w{cfg.num_warps},s{cfg.num_stages}]"
+        row[f"triton{tag}_us"] = ms * 1e3
+        row[f"triton{tag}_tflops"] = flops / ms / 1e9
     qd = q.view(batch, q_len, HQ, D).transpose(1, 2)
     kd = torch.randn(batch, HKV, q_len, D, device=DEV, dtype=DT)
     vd = torch.randn_like(kd)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        ms_sdpa = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True))
-    flops = 4 * batch * HQ * D * q_len * q_len / 2  # causal: half the score matrix
-    return dict(batch=batch, q_len=q_len, triton_us=ms * 1e3, triton_tflops=flops / ms / 1e9,
-                sdpa_us=ms_sdpa * 1e3, sdpa_tflops=flops / ms_sdpa / 1e9)
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+
+    ms_sdpa = bench_graph(sdpa)
+    row.update(sdpa_us=ms_sdpa * 1e3, sdpa_tflops=flops / ms_sdpa / 1e9)
+    return row
 
 
 def sweep():
+    """Decode: split heuristic (target programs, max splits) x two tiles; prefill: tile configs."""
     rows = []
-    for batch, ctx in [(32, 4096), (1, 32768), (256, 4096)]:
+    tiles = [(64, 4, 3), (128, 4, 3), (32, 4, 2)]
+    for batch, ctx in [(1, 32768), (4, 4096), (16, 8192), (32, 4096), (128, 2048)]:
         inputs = decode_inputs(batch, ctx)
-        for bn, warps, stages, mult in itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2, 4, 8)):
-            cfg = DecodeConfig(block_n=bn, num_warps=warps, num_stages=stages, target_programs=mult * 132)
-            try:
-                r = time_decode(inputs, batch, ctx, cfg)
-            except Exception as e:  # out of shared memory etc.
-                print(f"  skip bn={bn} w={warps} st={stages}: {str(e).splitlines()[0][:80]}")
-                continue
-            r.update(block_n=bn, num_warps=warps, num_stages=stages, target_mult=mult)
+        for (bn, warps, stages), mult, max_splits in itertools.product(tiles, (2, 4, 8, 16, 32), (32, 128)):
+            cfg = DecodeConfig(block_n=bn, num_warps=warps, num_stages=stages, target_programs=mult * 132,
+                               max_splits=max_splits)
+            r = time_decode(inputs, batch, ctx, cfg, eager=False)
+            r.update(block_n=bn, num_warps=warps, num_stages=stages, target_mult=mult, max_splits=max_splits)
             rows.append(r)
         del inputs
+        torch.cuda.empty_cache()
     rows.sort(key=lambda r: (r["batch"], r["ctx"], -r["triton_gbs"]))
-    print("\nsweep (best 6 per shape):")
+    print("\nsweep (graph timing; best 5 per shape, then the current default):")
     for (b, c), grp in itertools.groupby(rows, key=lambda r: (r["batch"], r["ctx"])):
-        for r in list(grp)[:6]:
+        for r in list(grp)[:5]:
             print(f"  B={b:4d} ctx={c:6d} bn={r['block_n']:4d} warps={r['num_warps']} stages={r['num_stages']} "
-                  f"mult={r['target_mult']} splits={r['splits']:3d}  {r['triton_gbs']:7.0f} GB/s")
-    return rows
+                  f"mult={r['target_mult']:2d} max_splits={r['max_splits']:3d} splits={r['splits']:3d} "
+                  f"{r['triton_us']:8.1f} us {r['triton_gbs']:7.0f} GB/s")
+    cfgs = [PrefillConfig(bm, bn, w, st) for bm, bn, w, st in
+            [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3)]]
+    print("prefill tiles (TFLOP/s):")
+    pre = []
+    for b, n in ((1, 4096), (16, 512)):
+        r = prefill_point(b, n, cfgs)
+        pre.append(r)
+        print(f"  B={b} q_len={n}: " + ", ".join(f"{k[:-7]} {v:.0f}" for k, v in r.items() if k.endswith("_tflops")))
+    return dict(decode=rows, prefill=pre)
 
 
 def main():
@@ -257,7 +299,7 @@ def main():
             if b * c <= (1 << 21)]
     print(f"\ndecode attention, bf16, Hq={HQ} Hkv={HKV} D={D} block={BS}; bytes = KV + q + out")
     print(f"{'batch':>5} {'ctx':>6} {'splits':>6} {'triton us':>10} {'GB/s':>7} {'%copy':>6} "
-          f"{'sdpa us':>9} {'sdpa GB/s':>9} {'sdpa/triton':>11}")
+          f"{'sdpa us':>9} {'sdpa GB/s':>9} {'sdpa/triton':>11} {'eager us: triton':>16} {'sdpa':>7}")
     rows = []
     for b, c in grid:
         r = decode_point(b, c)
@@ -265,12 +307,13 @@ def main():
         r["speedup_vs_sdpa"] = r["sdpa_us"] / r["triton_us"]
         rows.append(r)
         print(f"{b:5d} {c:6d} {r['splits']:6d} {r['triton_us']:10.1f} {r['triton_gbs']:7.0f} {r['pct_copy']:6.1f} "
-              f"{r['sdpa_us']:9.1f} {r['sdpa_gbs']:9.0f} {r['speedup_vs_sdpa']:11.2f}"
+              f"{r['sdpa_us']:9.1f} {r['sdpa_gbs']:9.0f} {r['speedup_vs_sdpa']:11.2f} "
+              f"{r['triton_eager_us']:16.1f} {r.get('sdpa_eager_us', float('nan')):7.1f}"
               + (f"  ({r['sdpa_error']})" if "sdpa_error" in r else ""))
         torch.cuda.empty_cache()
     report["decode"] = rows
 
-    print("\nprefill attention (paged, causal), bf16 vs SDPA flash on contiguous KV")
+    print("\nprefill attention (paged, causal; graph timing), bf16 vs SDPA flash on contiguous KV")
     pre = [prefill_point(b, n) for b, n in ((1, 4096), (4, 2048), (16, 512))]
     for r in pre:
         print(f"  B={r['batch']:3d} q_len={r['q_len']:5d}  triton {r['triton_us']:8.1f} us "

@@ -4,6 +4,7 @@ Stage 1: grid (num_seqs, num_kv_heads, num_splits). A program takes all query he
 head (GQA/MQA: the KV is read once for the whole group) over one slice of the context, and writes
 the slice's normalised output and its log-sum-exp (base 2) in fp32.
 Stage 2: grid (num_seqs, num_q_heads) merges the slices (and the sink column, if any).
+With one split (large batches) stage 1 writes the output itself and stage 2 is skipped.
 
 The grid depends only on the batch size and num_splits (never on the context lengths, which are
 read on the device), so the launch is CUDA-graph capturable; splits past a sequence's context
@@ -44,16 +45,16 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr,
-    part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr,
     scale, soft_cap, window,
-    stride_qt, stride_qh,
+    stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_SINKS: tl.constexpr, DIRECT: tl.constexpr, CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -81,8 +82,12 @@ def _decode_split_kernel(
     if USE_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=head_mask, other=0.0)
 
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    if DIRECT and USE_SINKS:  # the sink is a key with logit sinks[h] and no value
+        m_i = tl.load(sinks_ptr + heads, mask=head_mask, other=0.0).to(tl.float32) * LOG2E
+        l_i = tl.zeros([GROUP_PAD], tl.float32) + 1.0
+    else:
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(lo, hi, BLOCK_N):
@@ -113,11 +118,15 @@ def _decode_split_kernel(
 
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    row = (seq * NUM_Q_HEADS + heads) * num_splits + split  # part_* are [num_seqs, Hq, splits(, D)]
-    tl.store(part_lse_ptr + row, lse, mask=head_mask)
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
-             mask=head_mask[:, None] & d_mask[None, :])
+    if DIRECT:
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & d_mask[None, :])
+    else:
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        row = (seq * NUM_Q_HEADS + heads) * num_splits + split  # part_*: [num_seqs, Hq, splits(, D)]
+        tl.store(part_lse_ptr + row, lse, mask=head_mask)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
+                 mask=head_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -166,24 +175,31 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
     if b == 0:
         return out
     group = hq // hkv
-    part_out = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
-    dummy = part_lse  # never read when the matching feature is off
+    direct = num_splits == 1
+    if direct:  # never touched: stage 1 writes `out`
+        part_out = part_lse = seq_lens
+    else:
+        part_out = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
+    dummy = seq_lens  # never read when the matching feature is off
     _decode_split_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
-        alibi_slopes if alibi_slopes is not None else dummy,
-        part_out, part_lse,
+        alibi_slopes if alibi_slopes is not None else dummy, sinks if sinks is not None else dummy,
+        part_out, part_lse, out,
         float(scale), float(logits_soft_cap or 0.0), int(sliding_window or 0),
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=d, D_PAD=max(16, next_pow2(d)), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logits_soft_cap),
-        USE_ALIBI=alibi_slopes is not None, CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
+        USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, DIRECT=direct,
+        CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if direct:
+        return out
     _decode_reduce_kernel[(b, hq)](
         part_out, part_lse, sinks if sinks is not None else dummy, out,
         out.stride(0), out.stride(1),

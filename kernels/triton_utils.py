@@ -11,7 +11,7 @@ import triton.language as tl
 # slow per tile, so kernels use small tiles and fp32 math when interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a kernel may read
 
 
 @triton.jit

@@ -71,6 +71,7 @@ def test_write_kv_cache_scatters_and_skips_padding():
         (2, 2, {}, 1),  # MHA, one split
         (4, 1, dict(sliding_window=9, soft_cap=5.0), 2),  # MQA
         (4, 2, dict(alibi=True, sinks=True), 2),
+        (4, 2, dict(alibi=True, sinks=True), 1),  # one split: stage 1 writes the output itself
     ],
 )
 def test_decode_attention_matches_reference(hq, hkv, features, num_splits):
@@ -88,8 +89,10 @@ def test_decode_attention_empty_sequence_gives_zeros():
     gen = torch.Generator().manual_seed(2)
     q, kc, vc, tables, _, _ = _paged_batch([5, 5], [1, 1], 2, 1, 16, 8, torch.float32, gen)
     lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)  # CUDA-graph padding row
-    out = decode_attention(q, kc, vc, tables, lens, scale=0.25, num_splits=2)
-    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    for splits in (1, 2):
+        out = decode_attention(q, kc, vc, tables, lens, scale=0.25, num_splits=splits,
+                               sinks=torch.ones(2, device=DEVICE))
+        assert torch.isfinite(out).all() and (out[1] == 0).all() and (out[0] != 0).any()
 
 
 @pytest.mark.parametrize(

@@ -71,3 +71,24 @@ def test_paged_attention_needs_block_tables():
     x = torch.zeros(3, HQ, D, device=DEVICE)
     with pytest.raises(ValueError, match="block_tables"):
         triton_backend.paged_attention(x, x, x, meta, scale=1.0)
+
+
+@pytest.mark.gpu
+def test_decode_is_cuda_graph_capturable():
+    """Capture one decode step, then replay it with new lengths, blocks and queries written in place."""
+    gen = torch.Generator().manual_seed(2)
+    meta = _meta([30, 7, 45], [1, 1, 1], gen, num_blocks=40)
+    q = torch.randn(3, HQ, D, device=DEVICE)
+    kc, vc = torch.randn(2, 40, BS, HKV, D, generator=gen).to(DEVICE)
+    opts = dict(scale=D ** -0.5, sinks=torch.randn(HQ, device=DEVICE))
+    triton_backend.paged_attention(q, kc, vc, meta, **opts)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_backend.paged_attention(q, kc, vc, meta, **opts)
+    new = _meta([44, 12, 3], [1, 1, 1], gen, num_blocks=40)
+    meta.seq_lens.copy_(new.seq_lens)
+    meta.block_tables.copy_(new.block_tables)
+    q.copy_(torch.randn(3, HQ, D, device=DEVICE))
+    graph.replay()
+    torch.testing.assert_close(out, torch_backend.paged_attention(q, kc, vc, new, **opts), atol=1e-4, rtol=1e-4)
