@@ -129,12 +129,18 @@ class MultiprocExecutor:
     def _call(self, method, args, kwargs, reply_ranks) -> list:
         if not self._finalizer.alive:
             raise RuntimeError("the tensor-parallel executor has been shut down")
-        for rank, conn in enumerate(self._conns):
-            try:
-                send(conn, (method, args, kwargs, rank in reply_ranks))
-            except (BrokenPipeError, ConnectionResetError, EOFError):
-                self._fail_dead(f"while sending {_name(method)}")
-        return self._collect(range(self.world_size), self.step_timeout_s, _name(method))
+        try:
+            for rank, conn in enumerate(self._conns):
+                try:
+                    send(conn, (method, args, kwargs, rank in reply_ranks))
+                except (BrokenPipeError, ConnectionResetError, EOFError):
+                    self._fail_dead(f"while sending {_name(method)}")
+            return self._collect(range(self.world_size), self.step_timeout_s, _name(method))
+        except BaseException:
+            # Interrupted (Ctrl-C) or failed half way: replies may be left in the pipes, and a later
+            # call would read them as its own. Stop rather than desynchronise.
+            self.shutdown()
+            raise
 
     # -- waiting --------------------------------------------------------------------------------
     def _collect(self, ranks, timeout_s: float | None, what: str) -> list:

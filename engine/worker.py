@@ -88,6 +88,8 @@ def local_engine_config(spec: WorkerSpec) -> EngineConfig:
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     _die_with_parent()
+    # Ctrl-C reaches the whole process group; the engine process handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = local_engine_config(spec)
     try:
         if cfg.device.type == "cuda":
