@@ -47,7 +47,7 @@ def _uses_attention_interface(cls: cst.ClassDef) -> bool:
 
 
 def _has_linear(cls: cst.ClassDef) -> bool:
-    return any((_constructed_class(v) or "").endswith(("Linear", "Conv1D")) for _, v in init_assignments(cls))
+    return any((_constructed_class(v) or "").endswith(("Linear", "Conv1D", "FusedMoE")) for _, v in init_assignments(cls))
 
 
 def analyse(module: cst.Module, ctx: Context) -> None:
@@ -59,7 +59,7 @@ def analyse(module: cst.Module, ctx: Context) -> None:
 
     for name, cls in cls_map.items():
         text = code(cls)
-        if _MOE.search(text) or any(a == "experts" for a in children[name]):
+        if not ctx.moe_experts and (_MOE.search(text) or any(a == "experts" for a in children[name])):
             report.refuse(f"mixture-of-experts block `{name}`", lines.of(cls),
                           "it routes tokens to experts; porter convert does not rewrite MoE blocks yet")
         if _MLA.search(text):

@@ -72,6 +72,8 @@ class Context:
     attn_heads: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     checkpoint_renames: list[tuple[str, str]] = field(default_factory=list)
     ignore_unexpected: list[str] = field(default_factory=list)
+    # stacked experts turned into FusedMoE (normalise_moe): HF gate_up parameter -> down parameter
+    moe_experts: dict[str, str] = field(default_factory=dict)
 
 
 class Pass(cst.CSTTransformer):

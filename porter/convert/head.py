@@ -28,6 +28,7 @@ from porter.convert.cst_util import (
     self_attr,
     self_call_attr,
 )
+from porter.convert.expert_weights import expert_params_mapping
 
 # checkpoint keys that are derived buffers, never parameters
 DERIVED_KEYS = [r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$"]
@@ -137,6 +138,7 @@ class CausalLMHead(Pass):
                     packed[f.fused] = f.members
                     stacked += [(f.fused, m, repr(s).replace("'", '"')) for m, s in zip(f.members, f.shard_ids)]
         renames, other = checkpoint_renames(cls.name.value, self.ctx.model_type)
+        experts = expert_params_mapping(self.ctx.moe_experts, [cls.name.value, self.ctx.model_type], other)
         if other:
             self.refuse(cls, f"checkpoint conversion {', '.join(sorted(set(other)))}",
                         "transformers converts this checkpoint with more than key renames")
@@ -146,7 +148,7 @@ class CausalLMHead(Pass):
             vocab=code(vocab), hidden=code(hidden), bias=code(bias) if bias is not None else "True",
             tied=tied, embed_attr=self.embed_attr, post=[l for s in post for l in code(s).rstrip().splitlines()],
             carried=carried, packed=packed, stacked=stacked,
-            renames=[(s.replace('"', '\\"'), d) for s, d in renames],
+            renames=[(s.replace('"', '\\"'), d) for s, d in renames], experts=experts,
         )
         new = cst.parse_statement(text).with_changes(leading_lines=cls.leading_lines)
         self.note(cls, f"{cls.name.value}: rendered from causal_lm.py.j2 (ParallelLMHead{', tied' if tied else ''}, "

@@ -15,6 +15,8 @@ from porter.convert.flatten import FlattenForward
 from porter.convert.head import DERIVED_KEYS, CausalLMHead
 from porter.convert.imports import ResolveRelativeImports
 from porter.convert.layout import tidy_layout
+from porter.convert.normalise_moe import normalise_moe
+from porter.convert.normalise_shapes import normalise_shapes
 from porter.convert.parallel import ParallelLinears
 from porter.convert.plumbing import DropPlumbing
 from porter.convert.prefix import ThreadPrefix
@@ -69,6 +71,9 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
         report.timings[label] = report.timings.get(label, 0.0) + time.perf_counter() - t
         report.raise_if_refused()
 
+    # normalisations: older or MoE idioms rewritten into the forms the passes below convert
+    step("shapes", lambda m: normalise_shapes(m, ctx))
+    step("moe", lambda m: normalise_moe(m, ctx))
     step("analyse", lambda m: (analyse(m, ctx), m)[1])
     step("imports", lambda m: m.visit(ResolveRelativeImports(ctx)))
     step("plumbing", lambda m: m.visit(DropPlumbing(ctx)))

@@ -10,7 +10,7 @@ from porter.convert.cst_util import append_arg, code, contains, dotted, kwarg, m
 
 ENGINE_LAYERS = {
     "QKVParallelLinear", "MergedColumnParallelLinear", "ColumnParallelLinear", "RowParallelLinear",
-    "ReplicatedLinear", "VocabParallelEmbedding", "ParallelLMHead", "Attention",
+    "ReplicatedLinear", "VocabParallelEmbedding", "ParallelLMHead", "Attention", "FusedMoE",
 }
 
 

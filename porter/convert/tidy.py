@@ -22,6 +22,8 @@ ENGINE_IMPORTS = {
     "CheckpointKeyError": "porter.engine.weight_utils",
     "default_weight_loader": "porter.engine.weight_utils",
     "Iterable": "collections.abc",
+    "FusedMoE": "porter.engine.layers.fused_moe",
+    "load_expert_weight": "porter.engine.layers.fused_moe",
 }
 
 
