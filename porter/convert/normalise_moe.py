@@ -252,9 +252,9 @@ class _RewriteUsers(cst.CSTTransformer):
         attrs = ex.attrs
         args = {k: code(_resolve(info[k], attrs, bound)) for k in ("num_experts", "hidden", "intermediate",
                                                                    "activation")}
-        src = (f"FusedMoE(\n    num_experts={args['num_experts']},\n    top_k={top_k},\n"
-               f"    hidden_size={args['hidden']},\n    intermediate_size={args['intermediate']},\n"
-               f"    activation={args['activation']},\n)")
+        # one line, so the line numbers of everything after it stay those of the source
+        src = (f"FusedMoE(num_experts={args['num_experts']}, top_k={top_k}, hidden_size={args['hidden']}, "
+               f"intermediate_size={args['intermediate']}, activation={args['activation']})")
         self.note(original, f"self.{attr} = {kind}(...) -> FusedMoE(num_experts={args['num_experts']}, "
                             f"intermediate_size={args['intermediate']}, activation={args['activation']})")
         return updated.with_changes(value=cst.parse_expression(src))
