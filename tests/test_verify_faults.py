@@ -158,3 +158,30 @@ def test_planted_fault_is_caught_and_located(shared, tmp_path, correct_source, f
         assert "model.layers.0.self_attn.rotary_emb" in divergence["suspects"]
     if fault == "dropped_o_proj_bias":
         assert "model.layers.0.self_attn.o_proj.bias" in report.weights.unused_keys
+
+
+@pytest.fixture(scope="module")
+def shared_bf16(shared):
+    opts, ckpt, hf_config, _ = shared
+    low = VerifyOptions(target=str(ckpt), prompts=3, max_tokens=4, dtype="bfloat16")
+    with cpu_threads("cpu", ckpt):
+        ref = reference_run(low, ckpt, hf_config)
+    return low, ckpt, hf_config, ref
+
+
+@pytest.mark.parametrize("fault", ["wrong_norm_eps", "wrong_attention_scale"])
+def test_bf16_fault_is_located_by_error_ratio(shared_bf16, tmp_path, fault):
+    """In bf16 the correct file passes; a planted fault fails and is located by per-module error ratios
+    against HF fp32 (the eps fault is below bf16's plain relative tolerance)."""
+    old, new, module = HAND_WRITTEN_FAULTS[fault]
+    report = _verify_source(shared_bf16, HAND_WRITTEN.replace(old, new), tmp_path / f"llama_{fault}.py")
+    assert not report.passed
+    prefill = next(c for c in report.checks if c.name == "prefill_logits")
+    assert prefill.metrics["error_ratio"] > 1.2
+    assert report.divergence["module"] == module, report.localisation
+    assert report.localisation["rule"].startswith("error ratio")
+
+
+def test_bf16_correct_file_passes(shared_bf16, tmp_path):
+    report = _verify_source(shared_bf16, HAND_WRITTEN, tmp_path / "llama_ok.py")
+    assert report.passed, report.to_dict()

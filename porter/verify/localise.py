@@ -31,6 +31,9 @@ ATTENTION_KEY = "@attention"  # HF virtual point: the attention function called 
 LOGITS = "compute_logits"
 # relative error (max abs diff / max abs reference) beyond which a module output "differs"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# low precision with an HF fp32 run: a module differs when its error against HF fp32 exceeds this many
+# times HF's own low-precision error there (noise alone stays near 1)
+LOW_PRECISION_RATIO = 2.0
 
 
 @dataclass
@@ -246,8 +249,19 @@ def _hf_counterpart(name: str, hf: dict[str, Capture], packed: dict[str, list[st
     return None
 
 
-def compare_points(engine: dict[str, Capture], hf: dict[str, Capture], packed: dict[str, list[str]], tol: float) -> list[dict]:
-    """Every comparable point in engine execution order, with its output and input errors."""
+def _ratio(engine: torch.Tensor, low: torch.Tensor, fp32: torch.Tensor) -> float:
+    """||engine_lowp - HF_fp32|| / ||HF_lowp - HF_fp32||: how much more error than HF's own low precision."""
+    den = torch.linalg.vector_norm(low - fp32).item()
+    num = torch.linalg.vector_norm(engine - fp32).item()
+    if num != num:
+        return float("inf")
+    return num / max(den, 1e-6 * torch.linalg.vector_norm(fp32).item(), 1e-30)
+
+
+def compare_points(engine: dict[str, Capture], hf: dict[str, Capture], packed: dict[str, list[str]], tol: float,
+                   hf_fp32: dict[str, Capture] | None = None) -> list[dict]:
+    """Every comparable point in engine execution order, with its output and input errors. With HF fp32
+    captures (low-precision runs) a point differs when its error ratio exceeds LOW_PRECISION_RATIO."""
     points = []
     for name, e in sorted(engine.items(), key=lambda kv: kv[1].order):
         h = _hf_counterpart(e.hf_name or name, hf, packed)
@@ -259,6 +273,13 @@ def compare_points(engine: dict[str, Capture], hf: dict[str, Capture], packed: d
                 in_rel = max((_rel(a, b)[1] for a, b in pairs), default=None)
                 entry.update(matched=True, max_abs=max_abs, max_rel=rel, input_max_rel=in_rel, ok=rel <= tol,
                              input_ok=in_rel is None or in_rel <= tol)
+                h32 = _hf_counterpart(e.hf_name or name, hf_fp32, packed) if hf_fp32 is not None else None
+                if h32 is not None and h32.out is not None and h32.out.shape == e.out.shape:
+                    ratio = _ratio(e.out, h.out, h32.out)
+                    in_pairs = list(zip(e.inputs, h.inputs, h32.inputs)) if len(h32.inputs) == len(pairs) else []
+                    in_ratio = max((_ratio(a, b, c) for a, b, c in in_pairs), default=None)
+                    entry.update(error_ratio=ratio, input_error_ratio=in_ratio, ok=ratio <= LOW_PRECISION_RATIO,
+                                 input_ok=in_ratio is None or in_ratio <= LOW_PRECISION_RATIO)
         points.append(entry)
     return points
 
@@ -290,12 +311,18 @@ def blame(points: list[dict]) -> dict | None:
             "first_differing_point": first["module"], "reason": reason, "suspects": suspects, "summary": summary}
 
 
-def localise(engine_model, hf_model, prompts: list[list[int]], device: str, dtype: torch.dtype) -> dict:
+def localise(engine_model, hf_model, prompts: list[list[int]], device: str, dtype: torch.dtype,
+             hf_fp32_model=None) -> dict:
+    """Module-by-module comparison; `hf_fp32_model` (low-precision runs) switches to error ratios."""
     hf = capture_hf(hf_model, prompts, device)
+    hf_fp32 = capture_hf(hf_fp32_model, prompts, device) if hf_fp32_model is not None else None
     engine = capture_engine(engine_model, prompts, device)
     packed = dict(DEFAULT_PACKED)
     packed.update(getattr(engine_model, "packed_modules_mapping", None) or {})
     tol = TOLERANCE.get(dtype, 1e-4)
-    points = compare_points(engine, hf, packed, tol)
-    trace = [{k: p.get(k) for k in ("module", "max_abs", "max_rel", "input_max_rel", "ok")} for p in points if p["matched"]]
-    return {"divergence": blame(points), "tolerance_rel": tol, "trace": trace}
+    points = compare_points(engine, hf, packed, tol, hf_fp32)
+    keys = ("module", "max_abs", "max_rel", "input_max_rel", "error_ratio", "input_error_ratio", "ok")
+    trace = [{k: p[k] for k in keys if k in p} for p in points if p["matched"]]
+    rule = (f"error ratio vs HF fp32 <= {LOW_PRECISION_RATIO}" if hf_fp32 is not None
+            else f"max abs diff / max abs HF <= {tol:g}")
+    return {"divergence": blame(points), "tolerance_rel": tol, "rule": rule, "trace": trace}

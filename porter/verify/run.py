@@ -91,19 +91,19 @@ class Reference:
     logits: torch.Tensor  # prefill logits in the verify dtype
     logits_fp32: torch.Tensor | None  # prefill logits in fp32, for the low-precision error ratio
     greedy: list[reference.Greedy]
+    model_fp32: torch.nn.Module | None = None  # low precision only: per-module error ratios in localisation
 
 
 def reference_run(opts: VerifyOptions, ckpt: Path, hf_config) -> Reference:
     dtype, device = DTYPES[opts.dtype], opts.device
     prompts = make_prompts(opts.prompts, hf_config.vocab_size, opts.seed)
     model = reference.load_hf_model(ckpt, dtype, device)
-    logits_fp32 = None
+    hf_fp32 = logits_fp32 = None
     if dtype != torch.float32:
         hf_fp32 = reference.load_hf_model(ckpt, torch.float32, device)
         logits_fp32 = reference.prefill_logits(hf_fp32, prompts, device)
-        del hf_fp32
     return Reference(model, prompts, reference.prefill_logits(model, prompts, device), logits_fp32,
-                     reference.greedy(model, prompts, opts.max_tokens, device))
+                     reference.greedy(model, prompts, opts.max_tokens, device), hf_fp32)
 
 
 def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
@@ -153,7 +153,7 @@ def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: 
 
     if opts.always_localise or not report.passed:
         try:
-            report.localisation = localise(engine_model, ref.model, prompts, device, dtype)
+            report.localisation = localise(engine_model, ref.model, prompts, device, dtype, ref.model_fp32)
         except Exception as exc:  # noqa: BLE001 - localisation is best effort on top of the verdict
             report.notes.append(f"localisation failed: {_describe(exc)}")
     return report

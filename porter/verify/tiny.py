@@ -46,10 +46,10 @@ def load_config(spec: str) -> tuple[PretrainedConfig, Path | None]:
             raise VerifyInputError(f"{path} has no config.json")
         raw = json.loads((config_dir / "config.json" if path.is_dir() else path).read_text())
         custom = "auto_map" in raw
+        # custom code is found next to config.json, so read a custom config through its directory
+        source = config_dir if path.is_dir() or custom else path
         try:
-            config = AutoConfig.from_pretrained(
-                str(path if path.is_dir() else path), trust_remote_code=custom, local_files_only=True
-            )
+            config = AutoConfig.from_pretrained(str(source), trust_remote_code=custom, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - surface the config error to the user
             raise VerifyInputError(f"cannot read the config at {path}: {exc}") from exc
         return config, (config_dir if custom else None)
