@@ -19,15 +19,35 @@ class SourceLines:
         positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
         # node kept in the value so its id() is never reused while the mapping lives
         self._lines: dict[int, tuple[cst.CSTNode, int]] = {id(n): (n, p.start.line) for n, p in positions.items()}
+        self._source = [line.strip() for line in module.code.splitlines()]
+        self._classes = {n.name.value: (p.start.line, p.end.line) for n, p in positions.items()
+                         if isinstance(n, cst.ClassDef)}
 
-    def of(self, node: cst.CSTNode) -> int | None:
+    def of(self, node: cst.CSTNode, cls: str | None = None) -> int | None:
+        """The node's original line; for a node rebuilt outside a pass, the first source line (inside
+        class `cls` when given) whose text starts the node's code."""
         hit = self._lines.get(id(node))
-        return hit[1] if hit else None
+        if hit:
+            return hit[1]
+        from porter.convert.cst_util import code
+
+        try:
+            text = code(node)
+        except cst.CSTCodegenError:  # a fragment that only renders inside its parent
+            return None
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        if not first:
+            return None
+        lo, hi = self._classes.get(cls, (1, len(self._source)))
+        for i in range(lo - 1, min(hi, len(self._source))):
+            if self._source[i] and self._source[i].startswith(first[:60]):
+                return i + 1
+        return None
 
     def carry(self, old: cst.CSTNode, new: cst.CSTNode) -> None:
-        line = self.of(old)
-        if line is not None and id(new) not in self._lines:
-            self._lines[id(new)] = (new, line)
+        hit = self._lines.get(id(old))
+        if hit is not None and id(new) not in self._lines:
+            self._lines[id(new)] = (new, hit[1])
 
 
 @dataclass
@@ -88,7 +108,11 @@ class Pass(cst.CSTTransformer):
         super().__init__()
         self.ctx = ctx
 
+    _class: str | None = None
+
     def on_visit(self, node) -> bool:
+        if isinstance(node, cst.ClassDef):
+            self._class = node.name.value
         result = super().on_visit(node)
         if self.scope == "top" and isinstance(node, (cst.ClassDef, cst.FunctionDef)):
             return False
@@ -105,7 +129,7 @@ class Pass(cst.CSTTransformer):
 
     def on_leave(self, original_node, updated_node):
         if isinstance(original_node, cst.ClassDef):
-            self._in_class = False
+            self._in_class, self._class = False, None
         result = super().on_leave(original_node, updated_node)
         if isinstance(result, cst.CSTNode) and result is not original_node:
             self.ctx.lines.carry(original_node, result)
@@ -114,8 +138,8 @@ class Pass(cst.CSTTransformer):
                 self.ctx.lines.carry(original_node, n)
         return result
 
-    def line(self, node: cst.CSTNode) -> int | None:
-        return self.ctx.lines.of(node)
+    def line(self, node: cst.CSTNode, cls: str | None = None) -> int | None:
+        return self.ctx.lines.of(node, cls or self._class)
 
     def note(self, node: cst.CSTNode | None, message: str) -> None:
         self.ctx.report.change(self.name, self.line(node) if node is not None else None, message)

@@ -72,6 +72,17 @@ class Layout(cst.CSTTransformer):
         self.indent -= 1
         return updated
 
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        header = code(updated.with_changes(body=cst.IndentedBlock([cst.SimpleStatementLine([cst.Pass()])]),
+                                           decorators=[], leading_lines=[])).splitlines()[0]
+        p = updated.params
+        if 4 * self.indent + len(header) <= MAX_LINE or p.star_kwarg is not None or p.kwonly_params \
+                or not p.params or not isinstance(p.star_arg, cst.MaybeSentinel):
+            return updated
+        params = [x.with_changes(whitespace_after_param=cst.SimpleWhitespace("")) for x in p.params]
+        return updated.with_changes(whitespace_before_params=_nl("    "),
+                                    params=p.with_changes(params=_one_per_line(params, 0)))
+
     def leave_SimpleStatementLine(self, original, updated):
         for _ in range(4):
             width = 4 * self.indent

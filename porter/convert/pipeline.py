@@ -74,6 +74,9 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     # normalisations: older or MoE idioms rewritten into the forms the passes below convert
     step("shapes", lambda m: normalise_shapes(m, ctx))
     step("moe", lambda m: normalise_moe(m, ctx))
+    # the normalisations rebuild the tree: index lines on the code the passes see (the source itself
+    # unless a normalisation rewrote something)
+    ctx.lines = SourceLines(module)
     step("analyse", lambda m: (analyse(m, ctx), m)[1])
     step("imports", lambda m: m.visit(ResolveRelativeImports(ctx)))
     step("plumbing", lambda m: m.visit(DropPlumbing(ctx)))

@@ -468,7 +468,7 @@ class DropDeadCode(Pass):
             if not notes:
                 return fn
             for node, msg in notes:
-                self.note(node, f"{self._cls[-1]}.{fn.name.value}: {msg}")
+                self.ctx.report.change(self.name, self.line(node, self._cls[-1]), f"{self._cls[-1]}.{fn.name.value}: {msg}")
             fn = fn.with_changes(body=fn.body.with_changes(body=_block_body(body)))
 
 

@@ -122,7 +122,8 @@ class Tidy(Pass):
                             if attr and attr != "config" and attr not in reads.get(s.name.value, ()) and \
                                     attr not in reads["*"] and \
                                     not _is_module_ctor(stmt.body[0].value):
-                                self.note(stmt, f"{s.name.value}: removed unused attribute self.{attr}")
+                                self.ctx.report.change(self.name, self.ctx.lines.of(stmt, s.name.value),
+                                                       f"{s.name.value}: removed unused attribute self.{attr}")
                                 removed = True
                                 continue
                         kept.append(stmt)
