@@ -185,3 +185,18 @@ def test_bf16_fault_is_located_by_error_ratio(shared_bf16, tmp_path, fault):
 def test_bf16_correct_file_passes(shared_bf16, tmp_path):
     report = _verify_source(shared_bf16, HAND_WRITTEN, tmp_path / "llama_ok.py")
     assert report.passed, report.to_dict()
+
+
+def test_decode_only_fault_points_at_the_decode_path(shared, tmp_path):
+    """A fault that only shows with a KV cache (decode steps): prefill and every module agree on the
+    full sequences, so the report says the decode path is at fault."""
+    old = "        residual = None\n"
+    assert HAND_WRITTEN.count(old) == 1
+    new = ("        from porter.engine.forward_context import get_forward_context\n"
+           "        if get_forward_context().attn_metadata.max_query_len == 1:\n"
+           "            hidden_states = hidden_states * 1.5\n" + old)
+    report = _verify_source(shared, HAND_WRITTEN.replace(old, new), tmp_path / "llama_decode_fault.py")
+    checks = {c.name: c.passed for c in report.checks}
+    assert checks["prefill_logits"] and not checks["logprobs"]
+    assert report.divergence is None
+    assert "decode path" in report.localisation["hint"]

@@ -69,7 +69,7 @@ class Report:
             d = self.divergence
             table.add_row("first divergence", "[red]found[/]" if d else "none",
                           f"{d['summary']}\n{d['reason']}" + (f"\nsuspects: {', '.join(d['suspects'])}" if d["suspects"] else "")
-                          if d else "every module matched in prefill agrees within tolerance")
+                          if d else self.localisation.get("hint", "every module matched in prefill agrees"))
         console.print(table)
         for note in self.notes:
             console.print(f"[dim]note: {note}[/]")

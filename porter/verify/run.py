@@ -152,10 +152,19 @@ def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: 
         report.checks.append(Check("greedy_tokens", False, {}, f"engine LLM failed: {_describe(exc)}"))
 
     if opts.always_localise or not report.passed:
+        # the prompts extended by HF's greedy tokens: every position either side has generated is covered
+        sequences = [p + g.token_ids[:-1] for p, g in zip(prompts, ref.greedy)]
         try:
-            report.localisation = localise(engine_model, ref.model, prompts, device, dtype, ref.model_fp32)
+            report.localisation = localise(engine_model, ref.model, sequences, device, dtype, ref.model_fp32)
         except Exception as exc:  # noqa: BLE001 - localisation is best effort on top of the verdict
             report.notes.append(f"localisation failed: {_describe(exc)}")
+        else:
+            decode_failed = any(not c.passed for c in report.checks if c.name in ("greedy_tokens", "logprobs"))
+            if report.localisation["divergence"] is None and decode_failed:
+                report.localisation["hint"] = (
+                    "without a KV cache the engine model agrees with HF module by module on the prompts "
+                    "extended by the generated tokens, so the fault is in the decode path: KV cache "
+                    "write/read, block tables, decode attention, sampler or scheduler")
     return report
 
 
