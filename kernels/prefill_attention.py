@@ -31,6 +31,52 @@ DEFAULT_CONFIG = PrefillConfig(16, 16, 1, 1) if INTERPRETED else PrefillConfig()
 
 
 @triton.jit
+def _attend_tile(q, q_pos, n0, hi, m_i, l_i, acc, d, d_mask,
+                 k_ptr, v_ptr, bt_row, q_start, stride_kb, stride_ks, stride_vb, stride_vs,
+                 scale, soft_cap, window, slope, MASKED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+                 CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N (k_ptr/v_ptr already at the KV head)."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    p_mask = pos < hi
+    if PAGED:
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
+        k_row = block * stride_kb + (pos % BLOCK_SIZE) * stride_ks
+        v_row = block * stride_vb + (pos % BLOCK_SIZE) * stride_vs
+    else:
+        k_row = (q_start + pos).to(tl.int64) * stride_kb
+        v_row = (q_start + pos).to(tl.int64) * stride_vb
+    if MASKED:
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + v_row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    if CAST_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+    if USE_SOFTCAP:
+        s = soft_cap * tanh(s / soft_cap)
+    if USE_ALIBI:
+        s += slope * (pos[None, :] - q_pos[:, None]).to(tl.float32)
+    s = s * LOG2E
+    if MASKED:
+        visible = p_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible &= q_pos[:, None] - pos[None, :] < window
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     alibi_ptr, sinks_ptr,
@@ -64,6 +110,7 @@ def _prefill_kernel(
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     if CAST_F32:
         q = q.to(tl.float32)
+    slope = 0.0
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + h)
 
@@ -80,38 +127,25 @@ def _prefill_kernel(
     if USE_WINDOW:
         lo = tl.maximum(q_offset + mblk * BLOCK_M - window + 1, 0)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        p_mask = pos < hi
-        if PAGED:
-            block = tl.load(bt_row + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
-            k_row = block * stride_kb + (pos % BLOCK_SIZE) * stride_ks
-            v_row = block * stride_vb + (pos % BLOCK_SIZE) * stride_vs
-        else:
-            k_row = (q_start + pos).to(tl.int64) * stride_kb
-            v_row = (q_start + pos).to(tl.int64) * stride_vb
-        kv_mask = p_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + k_row[:, None] + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + v_row[:, None] + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-        if USE_SOFTCAP:
-            s = soft_cap * tanh(s / soft_cap)
-        if USE_ALIBI:
-            s += slope * (pos[None, :] - q_pos[:, None]).to(tl.float32)
-        visible = p_mask[None, :] & (pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            visible &= q_pos[:, None] - pos[None, :] < window
-        s = tl.where(visible, s * LOG2E, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+    # Tiles wholly below the diagonal need no mask: keys < q_offset + first row + 1 are visible to
+    # every row of the block (not so under a sliding window, which masks every tile).
+    full_end = lo
+    if not USE_WINDOW:
+        full_end = (q_offset + mblk * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, q_pos, n0, hi, m_i, l_i, acc, d, d_mask, k_head, v_head, bt_row,
+                                     q_start, stride_kb, stride_ks, stride_vb, stride_vs,
+                                     scale, soft_cap, window, slope, False,
+                                     BLOCK_N, BLOCK_SIZE, PAGED, USE_WINDOW, USE_SOFTCAP, USE_ALIBI,
+                                     CAST_F32, DOT_PRECISION)
+    for n0 in range(full_end, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, q_pos, n0, hi, m_i, l_i, acc, d, d_mask, k_head, v_head, bt_row,
+                                     q_start, stride_kb, stride_ks, stride_vb, stride_vs,
+                                     scale, soft_cap, window, slope, True,
+                                     BLOCK_N, BLOCK_SIZE, PAGED, USE_WINDOW, USE_SOFTCAP, USE_ALIBI,
+                                     CAST_F32, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
