@@ -24,7 +24,7 @@ from pathlib import Path
 
 # config attributes that mean layers other than softmax attention carry state (SSM, RNN, linear attention)
 _NOT_SOFTMAX = re.compile(r"mamba|ssm|conv_kernel|state_size|rwkv|linear_attn|linear_conv|recurrent|lru_width|"
-                          r"mlstm|slstm|xlstm|chunk_size|short_conv")
+                          r"mlstm|slstm|xlstm|mamba_chunk|short_conv")
 _ENCODER_AS_DECODER = re.compile(r"add `is_decoder=True")
 
 
@@ -55,13 +55,19 @@ def classify(model_type: str) -> str | None:
         stateful = sorted(k for k in keys if _NOT_SOFTMAX.search(k))
         if stateful:
             return f"state-space/recurrent layers ({stateful[0]})"
-        heads = next((getattr(config, a, None) for a in ("num_attention_heads", "n_head", "num_heads")
-                      if getattr(config, a, None)), None)
+        heads = next((h for a in ("num_attention_heads", "n_head", "num_heads") if (h := _attr(config, a))), None)
         if not heads:
             return "no attention heads in its config"
     if _ENCODER_AS_DECODER.search(modeling_source(model_type)):
         return "encoder, causal only with is_decoder=True"
     return None
+
+
+def _attr(config, name: str):
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - per-layer (heterogeneous) configs refuse global reads
+        return "per-layer"
 
 
 def _first_error(text: str) -> str:
