@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         )
         try:
             report = run_verify(opts)
-        except (VerifyInputError, ValueError) as exc:
+        except VerifyInputError as exc:
             err.print(f"[red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(EXIT_USAGE)
         report.render(Console(highlight=False))

@@ -64,8 +64,8 @@ def cpu_threads(device: str, ckpt: Path):
 def verify(opts: VerifyOptions) -> Report:
     if opts.dtype not in DTYPES:
         raise VerifyInputError(f"--dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
-    if opts.max_tokens < 1:
-        raise VerifyInputError("--max-tokens must be at least 1")
+    if opts.max_tokens < 1 or opts.prompts < 1 or opts.num_logprobs < 1:
+        raise VerifyInputError("--prompts, --max-tokens and --logprobs must be at least 1")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise VerifyInputError(f"--device {opts.device}: CUDA is not available here")
     _quiet_transformers()
