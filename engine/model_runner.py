@@ -135,7 +135,15 @@ class ModelRunner:
         del hidden
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        return int(total * cfg.gpu_memory_utilization - (total - free) - activations)
+        available = int(total * cfg.gpu_memory_utilization - (total - free) - activations)
+        if available <= 0:
+            gib = 1 << 30
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {total / gib:.1f} GiB x gpu_memory_utilization "
+                f"{cfg.gpu_memory_utilization} minus {(total - free) / gib:.1f} GiB in use (this process's "
+                f"weights and any other process) minus {activations / gib:.1f} GiB of activations for a "
+                f"{n}-token step; raise gpu_memory_utilization, lower max_num_batched_tokens, or free the GPU")
+        return available
 
     def _allocate_kv_cache(self) -> None:
         for layer in self.attn_layers:
@@ -160,20 +168,24 @@ class ModelRunner:
                 sample_rows.append(q_starts[-1] - 1)
         width = max(len(t) for t in step.block_tables)
         tables = [t + [0] * (width - len(t)) for t in step.block_tables]
-        dev = self.device
         q_lens = [len(t) for t in step.new_token_ids]
+        # one host-to-device copy for all of it (each small copy costs a driver round trip)
+        parts = (ids, positions, slots, sample_rows, q_starts, seq_lens, [b for t in tables for b in t])
+        flat = torch.tensor([x for part in parts for x in part], dtype=torch.int64,
+                            pin_memory=self.device.type == "cuda")
+        ids_t, pos_t, slots_t, rows_t, starts_t, lens_t, tables_t = flat.to(self.device, non_blocking=True).split(
+            [len(part) for part in parts])
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(q_starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            query_start_loc=starts_t.to(torch.int32),
+            seq_lens=lens_t.to(torch.int32),
+            slot_mapping=slots_t,
+            block_tables=tables_t.to(torch.int32).view(len(tables), width),
             max_query_len=max(q_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=q_lens,
             seq_lens_cpu=seq_lens,
         )
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
-                meta, torch.tensor(sample_rows, dtype=torch.long, device=dev))
+        return ids_t, pos_t, meta, rows_t
 
     def _generators(self, step: StepInput, sampling_ids: list[int]) -> list[torch.Generator | None]:
         for seq_id in step.finished_seq_ids:
