@@ -362,40 +362,6 @@ def _walk_attrs(node: cst.CSTNode) -> list[str]:
     return out
 
 
-class _UnusedParams(Pass):
-    """Removes parameters a block's forward never reads (the base model's signature is fixed)."""
-
-    name = "specialise"
-    scope = "blocks"
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self._cls: list[str] = []
-
-    def visit_ClassDef(self, node):
-        self._cls.append(node.name.value)
-
-    def leave_ClassDef(self, original, updated):
-        self._cls.pop()
-        return updated
-
-    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
-        roles = self.ctx.roles
-        if not self._cls or updated.name.value != "forward" or self._cls[-1] not in roles.blocks \
-                or self._cls[-1] == roles.base:
-            return updated
-        used = loads(updated.body)
-        p = updated.params
-        keep = [x for x in p.params if x.name.value == "self" or used[x.name.value]]
-        if len(keep) == len(p.params):
-            return updated
-        gone = [x.name.value for x in p.params if x not in keep]
-        if keep:
-            keep[-1] = keep[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
-        self.note(original, f"{self._cls[-1]}.forward: dropped unused parameters {', '.join(gone)}")
-        return updated.with_changes(params=p.with_changes(params=keep))
-
-
 def _stored_names(target) -> list[str] | None:
     """Names an assignment writes: plain targets, or the container of `x[key] = ...`."""
     if isinstance(target, cst.Subscript) and isinstance(target.value, cst.Name):
@@ -466,10 +432,24 @@ class DropDeadCode(Pass):
             notes: list = []
             body = _prune_block(fn.body.body, loads(fn), notes)
             if not notes:
-                return fn
+                return self._unused_params(original, fn)
             for node, msg in notes:
                 self.ctx.report.change(self.name, self.line(node, self._cls[-1]), f"{self._cls[-1]}.{fn.name.value}: {msg}")
             fn = fn.with_changes(body=fn.body.with_changes(body=_block_body(body)))
+
+    def _unused_params(self, original: cst.FunctionDef, fn: cst.FunctionDef) -> cst.FunctionDef:
+        """Parameters a block's forward never reads go (the base model's signature is fixed)."""
+        if fn.name.value != "forward" or self._cls[-1] == self.ctx.roles.base:
+            return fn
+        used = loads(fn.body)
+        p = fn.params
+        keep = [x for x in p.params if x.name.value == "self" or used[x.name.value]]
+        if len(keep) == len(p.params):
+            return fn
+        gone = [x.name.value for x in p.params if x not in keep]
+        keep[-1] = keep[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        self.note(original, f"{self._cls[-1]}.forward: dropped unused parameters {', '.join(gone)}")
+        return fn.with_changes(params=p.with_changes(params=keep))
 
 
 def signatures(module: cst.Module) -> dict[str, tuple[list[str], bool]]:
@@ -486,12 +466,11 @@ def prune(module: cst.Module, ctx: Context, assumed: dict) -> tuple[cst.Module, 
     """Call-site cleanup, unused parameters and dead code, to a fixpoint. `assumed` is the signature
     each class's call sites were written against; returns the module and the now-current signatures."""
     callees = callee_map(module)
+    module = module.visit(_CallSites(ctx, assumed, signatures(module), callees))
+    assumed = signatures(module)
     for _ in range(8):
         before = len(ctx.report.changes)
-        module = module.visit(_CallSites(ctx, assumed, signatures(module), callees))
-        assumed = signatures(module)
         module = module.visit(DropDeadCode(ctx))
-        module = module.visit(_UnusedParams(ctx))
         module = module.visit(_CallSites(ctx, assumed, signatures(module), callees))
         assumed = signatures(module)
         if len(ctx.report.changes) == before:
