@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, LlamaConfig
 
 import porter.engine.models.llama as hand_written_llama
@@ -205,3 +205,20 @@ def test_weight_report_shape_mismatch_with_gqa_qk_swap(gqa_llama, tmp_path):
         '("qkv_proj", "k_proj", "k")', '("qkv_proj", "k_proj", "q")').replace('"K")', '"k")')
     report = _report_for(swapped, tmp_path / "swap.py", ckpt, hf_config)
     assert any("model.layers.0.self_attn.q_proj.weight" in s for s in report.shape_errors), report.problems()
+
+
+def test_tied_checkpoint_with_its_own_head(tmp_path):
+    """A tied config whose checkpoint still stores lm_head.weight: fine when it equals the embedding,
+    an error (the head would be silently discarded) when it does not."""
+    cfg_dir = tmp_path / "cfg"
+    LlamaConfig(tie_word_embeddings=True, architectures=["LlamaForCausalLM"]).save_pretrained(cfg_dir)
+    ckpt = make_tiny_checkpoint(str(cfg_dir), tmp_path / "tied")
+    hf_config = checkpoint.load_config(ckpt)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    assert hf_config.tie_word_embeddings and "lm_head.weight" not in tensors
+    embedding = tensors["model.embed_tokens.weight"]
+    for head, ok in ((embedding.clone(), True), (torch.randn_like(embedding), False)):
+        save_file({**tensors, "lm_head.weight": head}, str(ckpt / "model.safetensors"))
+        report = _report_for(Path(hand_written_llama.__file__).read_text(), tmp_path / "llama.py", ckpt, hf_config)
+        assert report.ok is ok, report.problems()
+        assert "lm_head.weight" in report.ignored_keys

@@ -59,10 +59,14 @@ def load_with_report(model: torch.nn.Module, ckpt: Path) -> WeightReport:
         if param.is_floating_point():
             param.fill_(float("nan"))
     filled: set[str] = set()
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    embedding = head = None
     for key, tensor in iter_tensors(ckpt):
         if key.endswith(IGNORABLE_SUFFIXES):
             report.ignored_keys.append(key)
             continue
+        if key.endswith("embed_tokens.weight"):
+            embedding = tensor
         try:
             loaded = model.load_weights([(key, tensor)])
         except Exception as exc:  # noqa: BLE001 - every failure is a finding, attributed to its key
@@ -76,8 +80,14 @@ def load_with_report(model: torch.nn.Module, ckpt: Path) -> WeightReport:
             continue
         if loaded:
             filled |= set(loaded)
+        elif tied and key == "lm_head.weight":  # a tied checkpoint's redundant head: must equal the embedding
+            report.ignored_keys.append(key)
+            head = tensor
         else:
             report.unused_keys.append(key)
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        report.load_errors.append("lm_head.weight: the config ties it to the embedding, but the checkpoint's "
+                                  "head differs from embed_tokens.weight (set tie_word_embeddings=false?)")
     for name, param in params.items():
         if name not in filled:
             report.unfilled_params.append(name)
