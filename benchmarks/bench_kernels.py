@@ -244,8 +244,8 @@ def sweep():
     tiles = [(64, 4, 3), (128, 4, 3), (32, 4, 2)]
     for batch, ctx in [(1, 32768), (4, 4096), (16, 8192), (32, 4096), (128, 2048)]:
         inputs = decode_inputs(batch, ctx)
-        for (bn, warps, stages), mult, max_splits in itertools.product(tiles, (2, 4, 8, 16, 32), (32, 128)):
-            cfg = DecodeConfig(block_n=bn, num_warps=warps, num_stages=stages, target_programs=mult * 132,
+        for (bn, warps, stages), mult, max_splits in itertools.product(tiles, (1, 2, 3, 4, 8), (32,)):
+            cfg = DecodeConfig(block_n=bn, num_warps=warps, num_stages=stages, programs_per_sm=mult,
                                max_splits=max_splits)
             r = time_decode(inputs, batch, ctx, cfg, eager=False)
             r.update(block_n=bn, num_warps=warps, num_stages=stages, target_mult=mult, max_splits=max_splits)

@@ -12,6 +12,7 @@ write an empty slice (lse = -inf).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,19 +27,28 @@ class DecodeConfig:
     block_n: int = 64  # KV tokens per tile
     num_warps: int = 4
     num_stages: int = 3
-    # splits are chosen so that num_seqs * num_kv_heads * num_splits >= this many programs
-    target_programs: int = 4 * 132
-    min_tokens_per_split: int = 256
+    # Splits are chosen so that num_seqs * num_kv_heads * num_splits ~ programs_per_sm * SMs.
+    # Measured on an H100 (benchmarks/NOTES-kernels.md): ~3 programs per SM is enough to reach the
+    # copy bandwidth; more splits only add partial-result traffic and a reduce launch.
+    programs_per_sm: float = 3.0
+    min_tokens_per_split: int = 128
     max_splits: int = 32
 
 
 DEFAULT_CONFIG = DecodeConfig(block_n=16, num_warps=1, num_stages=1) if INTERPRETED else DecodeConfig()
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
-                      config: DecodeConfig = DEFAULT_CONFIG) -> int:
+                      config: DecodeConfig = DEFAULT_CONFIG, num_sms: int | None = None) -> int:
     """Enough splits to fill the GPU, none shorter than min_tokens_per_split (host ints only)."""
-    want = triton.cdiv(config.target_programs, max(num_seqs * num_kv_heads, 1))
+    if num_sms is None:
+        num_sms = _num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 4
+    want = round(config.programs_per_sm * num_sms / max(num_seqs * num_kv_heads, 1))
     useful = triton.cdiv(max(max_seq_len, 1), config.min_tokens_per_split)
     return max(1, min(want, useful, config.max_splits))
 

@@ -28,6 +28,14 @@ class PrefillConfig:
 
 
 DEFAULT_CONFIG = PrefillConfig(16, 16, 1, 1) if INTERPRETED else PrefillConfig()
+# Long queries: bigger tiles pay (H100, benchmarks/NOTES-kernels.md: 270 vs 257 TFLOP/s at 4k tokens,
+# but 154 vs 174 at 512).
+LONG_CONFIG = DEFAULT_CONFIG if INTERPRETED else PrefillConfig(128, 128, 8, 3)
+LONG_QUERY = 2048
+
+
+def pick_config(max_query_len: int) -> PrefillConfig:
+    return LONG_CONFIG if max_query_len >= LONG_QUERY else DEFAULT_CONFIG
 
 
 @triton.jit
@@ -154,7 +162,7 @@ def _prefill_kernel(
 
 def prefill_attention(q, k, v, query_start_loc, seq_lens, block_tables, max_query_len, *, scale,
                       sliding_window=None, logits_soft_cap=None, alibi_slopes=None, sinks=None,
-                      out=None, config: PrefillConfig = DEFAULT_CONFIG):
+                      out=None, config: PrefillConfig | None = None):
     """q [T, Hq, D] -> out [T, Hq, D]. With block_tables, k/v are the paged caches
     [num_blocks, block_size, Hkv, D]; with block_tables None they are [T, Hkv, D] (no cache).
     alibi_slopes and sinks are fp32 tensors [Hq] on q's device (or None)."""
@@ -178,6 +186,7 @@ def prefill_attention(q, k, v, query_start_loc, seq_lens, block_tables, max_quer
         kb, ks, kh = k.stride(0), 0, k.stride(1)
         vb, vs, vh = v.stride(0), 0, v.stride(1)
         block_size, bt, stride_bt = 1, seq_lens, 0
+    config = config or pick_config(max_query_len)
     grid = (triton.cdiv(max_query_len, config.block_m), num_seqs, hq)
     _prefill_kernel[grid](
         q, k, v, out, query_start_loc, seq_lens, bt,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from porter.kernels.decode_attention import decode_attention
+from porter.kernels.decode_attention import DecodeConfig, choose_num_splits, decode_attention
 from porter.kernels.kv_cache import write_kv_cache
 from porter.kernels.prefill_attention import prefill_attention
 from porter.kernels.reference import (
@@ -83,6 +83,14 @@ def test_decode_attention_matches_reference(hq, hkv, features, num_splits):
     starts = torch.arange(4, dtype=torch.int32, device=DEVICE)
     ref = paged_attention_ref(q, kc, vc, starts, lens, tables, scale=0.3, **feats)
     assert _rel_err(out, ref) < 1e-4
+
+
+def test_num_splits_fill_the_gpu_but_stay_bounded():
+    cfg = DecodeConfig()  # the GPU defaults: 3 programs per SM, >= 128 tokens a split, <= 32 splits
+    assert choose_num_splits(16, 8, 8192, cfg, num_sms=132) == 3  # 384 programs
+    assert choose_num_splits(128, 8, 2048, cfg, num_sms=132) == 1  # the batch alone fills the GPU
+    assert choose_num_splits(1, 8, 32768, cfg, num_sms=132) == 32  # capped
+    assert choose_num_splits(1, 8, 300, cfg, num_sms=132) == 3  # no split shorter than 128 tokens
 
 
 def test_decode_attention_empty_sequence_gives_zeros():
