@@ -74,6 +74,10 @@ def _tokens_first(t: torch.Tensor | None, s: int) -> torch.Tensor | None:
     return None
 
 
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().cpu()
+
+
 def _flat(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     if t is None or not t.is_floating_point() or t.dim() == 0 or t.shape[0] != n:
         return None
@@ -122,7 +126,8 @@ def capture_hf(model: torch.nn.Module, prompts: list[list[int]], device: str) ->
 
     def record(name, inputs, out):
         s = s_now[0]
-        calls.setdefault(name, []).append(([_tokens_first(t, s) for t in inputs], _tokens_first(out, s)))
+        host = [_to_host(_tokens_first(t, s)) for t in (*inputs, out)]  # off the GPU at once: big models
+        calls.setdefault(name, []).append((host[:-1], host[-1]))
 
     def hook(module, args, kwargs, output):
         first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
@@ -149,12 +154,12 @@ def capture_hf(model: torch.nn.Module, prompts: list[list[int]], device: str) ->
         if len(per_call) != len(prompts):  # called more or less than once per forward: no 1:1 packing
             continue
         outs = [o for _, o in per_call]
-        cap = Capture(out=torch.cat(outs).float().cpu() if all(o is not None for o in outs) else None)
+        cap = Capture(out=torch.cat(outs) if all(o is not None for o in outs) else None)
         n_in = len(per_call[0][0])
         for j in range(n_in):
             parts = [i[j] if j < len(i) else None for i, _ in per_call]
             if all(p is not None for p in parts):
-                cap.inputs.append(torch.cat(parts).float().cpu())
+                cap.inputs.append(torch.cat(parts))
         caps[name] = cap
     return caps
 
