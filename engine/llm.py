@@ -26,6 +26,8 @@ from porter.engine.sampling_params import SamplingParams
 from porter.engine.scheduler import Scheduler
 from porter.engine.sequence import Sequence
 from porter.engine.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
+from porter.engine.tp_check import check_tp_splittable
+from porter.engine.tp_runner import TensorParallelRunner
 
 DEFAULT_MAX_MODEL_LEN = 8192  # cap on the config's context length when max_model_len is not given
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -131,10 +133,6 @@ class LLM:
         skip_tokenizer_init: bool = False,
         trust_remote_code: bool = False,
     ):
-        if tensor_parallel_size != 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size={tensor_parallel_size}: the engine runs on one device for now "
-                "(multi-GPU tensor parallelism is not wired into LLM yet)")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         model_dir = Path(model)
@@ -158,9 +156,12 @@ class LLM:
             seed=seed,
         )
         resolve_model_class(hf_config, model_file)  # an unknown architecture fails before anything loads
+        check_tp_splittable(hf_config, tensor_parallel_size)  # so does a model that cannot be split N ways
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(model_dir, trust_remote_code)
         self.eos_token_ids = eos_token_ids(model_dir, hf_config, self.tokenizer)
-        self.runner = ModelRunner(engine_config=self.engine_config, model_path=model_dir, model_file=model_file)
+        # TP > 1: one ModelRunner per rank in worker processes, behind the same num_kv_blocks / execute
+        runner_class = ModelRunner if tensor_parallel_size == 1 else TensorParallelRunner
+        self.runner = runner_class(engine_config=self.engine_config, model_path=model_dir, model_file=model_file)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=self.engine_config.max_num_batched_tokens,
