@@ -5,8 +5,8 @@
 
 The engine loop is synchronous: `generate` queues every prompt and steps until all are done
 (continuous batching happens inside: sequences join and leave the running batch every step).
-All model work goes through `self._runner_call(method, ...)`, the one seam where a multi-process
-tensor-parallel executor slots in for the in-process runner.
+All model work goes through the runner's `num_kv_blocks` and `execute(StepInput)`: an in-process
+ModelRunner for one device, or a TensorParallelRunner driving one ModelRunner per rank.
 """
 from __future__ import annotations
 
@@ -171,10 +171,10 @@ class LLM:
         self._seq_ids = itertools.count()
         self._gone: list[int] = []  # finished sequence ids the runner has not been told about yet
 
-    def _runner_call(self, method: str, *args):
-        return getattr(self.runner, method)(*args)
-
     def model_parameters(self):
+        """The in-process model's parameters (benchmarks count weight bytes with it; TP=1 only)."""
+        if not isinstance(self.runner, ModelRunner):
+            raise NotImplementedError("model_parameters() needs tensor_parallel_size=1 (the model lives in workers)")
         return self.runner.model.parameters()
 
     # --- requests -------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class LLM:
         batch = self.scheduler.schedule()
         step = StepInput.from_batch(batch, self._gone)
         try:
-            tokens, logprobs = self._runner_call("execute", step)
+            tokens, logprobs = self.runner.execute(step)
         except BaseException:
             self._gone.extend(s.seq_id for s in self.scheduler.abort_all("the model step failed"))
             raise

@@ -94,8 +94,6 @@ def test_abandoned_stream_leaves_engine_usable(llm):
 def test_bad_arguments(llm, tmp_path):
     with pytest.raises(ValueError, match="sampling params for"):
         llm.generate(["a", "b"], [SamplingParams()])
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size=2"):
-        LLM(model=FIXTURE, tensor_parallel_size=2)
     with pytest.raises(FileNotFoundError, match="not found"):
         LLM(model=tmp_path / "nope")
     with pytest.raises(ValueError, match="exceeds"):
