@@ -117,6 +117,7 @@ class LLM:
         model: str | Path,
         model_file: str | Path | None = None,
         *,
+        tokenizer: str | Path | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "auto",
         tensor_parallel_size: int = 1,
@@ -157,7 +158,7 @@ class LLM:
         )
         resolve_model_class(hf_config, model_file)  # an unknown architecture fails before anything loads
         check_tp_splittable(hf_config, tensor_parallel_size)  # so does a model that cannot be split N ways
-        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(model_dir, trust_remote_code)
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer or model_dir, trust_remote_code)
         self.eos_token_ids = eos_token_ids(model_dir, hf_config, self.tokenizer)
         # TP > 1: one ModelRunner per rank in worker processes, behind the same num_kv_blocks / execute
         runner_class = ModelRunner if tensor_parallel_size == 1 else TensorParallelRunner

@@ -61,3 +61,15 @@ def test_porter_run_as_a_subprocess():
                            "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("The cat") and "generated tokens:" in proc.stdout
+
+
+def test_custom_code_checkpoint_needs_trust_remote_code():
+    custom = bundled_fixture().parent / "custom_model"
+    args = ["run", str(custom), "--model-file", str(custom / "parallax_engine.py"), "-p", "The cat",
+            "--tokenizer", str(bundled_fixture())]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "trust_remote_code" in refused.output
+    # with it the model loads; this tokenizer's ids do not fit its 256-token vocabulary: one clear error
+    loaded = runner.invoke(app, args + ["--trust-remote-code"])
+    assert loaded.exit_code == 1 and "outside the vocabulary" in loaded.output
+    assert "Traceback" not in loaded.output

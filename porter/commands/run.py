@@ -29,8 +29,12 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (reproducible output)"),
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep going past the end-of-sequence token"),
         model_file: Optional[Path] = typer.Option(None, "--model-file", help="converted engine model file (porter convert)"),
+        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory (default: CKPT)"),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                               help="let transformers run the checkpoint's own config code (auto_map)"),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
         dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+        tp: int = typer.Option(1, "--tp", help="tensor-parallel size: N worker processes (one GPU each on CUDA)"),
     ) -> None:
         """Generate a completion of PROMPT with the engine, streamed, then print token counts and speed."""
         out = Console(highlight=False)
@@ -46,7 +50,8 @@ def register(app: typer.Typer) -> None:
                                     seed=seed, ignore_eos=ignore_eos)
             if model_file is not None and not model_file.is_file():
                 raise FileNotFoundError(f"model file not found: {model_file}")
-            llm = LLM(model=ckpt, model_file=model_file, device=device, dtype=dtype)
+            llm = LLM(model=ckpt, model_file=model_file, tokenizer=tokenizer, device=device, dtype=dtype,
+                      tensor_parallel_size=tp, trust_remote_code=trust_remote_code)
             out.print(f"[bold]{escape(prompt)}[/bold]", end="")
             start = time.perf_counter()
             final = None
