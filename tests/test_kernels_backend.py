@@ -92,3 +92,31 @@ def test_decode_is_cuda_graph_capturable():
     q.copy_(torch.randn(3, HQ, D, device=DEVICE))
     graph.replay()
     torch.testing.assert_close(out, torch_backend.paged_attention(q, kc, vc, new, **opts), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_layer_runs_the_triton_backend():
+    """The engine's Attention layer with attention_backend="triton": same output and cache as "torch",
+    sinks given as a model-owned parameter (as gpt-oss loads them)."""
+    from torch import nn
+
+    from porter.engine.config import EngineConfig, set_current_engine_config
+    from porter.engine.forward_context import set_forward_context
+    from porter.engine.layers.attention import Attention
+
+    gen = torch.Generator().manual_seed(3)
+    sinks = nn.Parameter(torch.randn(HQ, generator=gen).to(DEVICE))
+    layers = {}
+    for name in ("torch", "triton"):
+        with set_current_engine_config(EngineConfig(hf_config=None, attention_backend=name)):
+            layers[name] = Attention(HQ, D, D ** -0.5, HKV, sliding_window=6, sinks=sinks)
+    assert layers["triton"].backend is triton_backend
+    meta = _meta([13, 25], [13, 1], gen)
+    qkv = torch.randn(14, (HQ + 2 * HKV) * D, generator=gen).to(DEVICE)
+    q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)  # strided views, as models pass them
+    outs = {}
+    for name, layer in layers.items():
+        layer.k_cache, layer.v_cache = torch.zeros(2, 24, BS, HKV, D, device=DEVICE)
+        with set_forward_context(meta):
+            outs[name] = layer(q, k, v)
+    torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(layers["triton"].k_cache, layers["torch"].k_cache)
