@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import enum
 
-import torch
-
 from porter.engine.sampling_params import SamplingParams
 
 
@@ -36,7 +34,6 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.error: str | None = None
-        self.generator: torch.Generator | None = None  # set by the engine for seeded requests
 
     @property
     def num_tokens(self) -> int:

@@ -38,6 +38,13 @@ def test_too_long_prompt_fails_alone(llm):
     assert good.error is None and len(good.outputs[0].token_ids) == 4
 
 
+def test_request_larger_than_the_cache_fails_alone():
+    small = LLM(model=FIXTURE, device="cpu", num_kv_blocks=2)  # 32 token slots
+    outs = small.generate([[5] * 20, [5] * 20], [SamplingParams(max_tokens=20), SamplingParams(max_tokens=5)])
+    assert outs[0].outputs[0].finish_reason == "error" and "KV blocks" in outs[0].error
+    assert outs[1].error is None and outs[1].outputs[0].finish_reason in ("stop", "length")
+
+
 def test_out_of_vocabulary_token_fails_alone(llm):
     outs = llm.generate([[5, 10_000], [5, 6]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     assert outs[0].outputs[0].finish_reason == "error" and "vocabulary" in outs[0].error
