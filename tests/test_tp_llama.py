@@ -172,3 +172,19 @@ def test_killed_worker_makes_generate_raise(fixture_tp2_llm):
     assert not t.is_alive(), "generate hung after a worker was killed"
     assert isinstance(outcome["result"], WorkerDiedError)
     assert "rank 1" in str(outcome["result"]) and "SIGKILL" in str(outcome["result"])
+
+
+def test_porter_run_tp2_streams_the_tp1_completion():
+    from typer.testing import CliRunner
+
+    from porter.cli import app
+
+    cli = CliRunner()
+    args = ["run", str(FIXTURE), "--prompt", "Once upon a time", "--max-tokens", "10", "--device", "cpu"]
+    tp1 = cli.invoke(app, args)
+    tp2 = cli.invoke(app, [*args, "--tp", "2"])
+    assert tp1.exit_code == 0 and tp2.exit_code == 0, tp1.output + tp2.output
+    assert tp2.output.splitlines()[0] == tp1.output.splitlines()[0]
+    bad = cli.invoke(app, [*args, "--tp", "4"])
+    assert bad.exit_code == 1
+    assert "cannot be split over tensor_parallel_size=4" in bad.output and "num_attention_heads=6" in bad.output
