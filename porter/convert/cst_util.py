@@ -257,3 +257,30 @@ def append_arg(call: cst.Call, new: cst.Arg) -> cst.Call:
         sep = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
     args[-1] = last.with_changes(comma=sep, whitespace_after_arg=cst.SimpleWhitespace(""))
     return call.with_changes(args=[*args, new])
+
+
+def with_args(call: cst.Call, args: list[cst.Arg]) -> cst.Call:
+    """`call` with only `args` (a subset, in order), keeping its layout: a one-line call loses any
+    trailing comma; a multi-line call keeps its closing `,\\n)`."""
+    args = list(args)
+    if args and call.args:
+        last = call.args[-1]
+        if isinstance(call.whitespace_before_args, cst.ParenthesizedWhitespace) and isinstance(last.comma, cst.Comma):
+            args[-1] = args[-1].with_changes(comma=last.comma)
+        else:
+            args[-1] = args[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT,
+                                             whitespace_after_arg=last.whitespace_after_arg)
+    return call.with_changes(args=args)
+
+
+def with_params(params: cst.Parameters, keep: list[cst.Param]) -> cst.Parameters:
+    """`params` keeping only `keep` (positional ones) and no `*args`/`**kwargs`, keeping the layout."""
+    keep = list(keep)
+    old = [*params.params, *([params.star_arg] if isinstance(params.star_arg, cst.Param) else []),
+           *params.kwonly_params, *([params.star_kwarg] if params.star_kwarg is not None else [])]
+    if keep and old:
+        last = old[-1]
+        keep[-1] = keep[-1].with_changes(comma=last.comma if isinstance(last.comma, cst.Comma) and
+                                         isinstance(last.comma.whitespace_after, cst.ParenthesizedWhitespace)
+                                         else cst.MaybeSentinel.DEFAULT)
+    return params.with_changes(params=keep, star_arg=cst.MaybeSentinel.DEFAULT, kwonly_params=[], star_kwarg=None)

@@ -20,6 +20,8 @@ from porter.convert.cst_util import (
     methods,
     self_attr,
     target_names,
+    with_args,
+    with_params,
 )
 
 NONE_PARAMS = {
@@ -59,6 +61,7 @@ class InferenceFacts(Pass):
         super().__init__(ctx)
         self._cls: list[str] = []
         self._facts: list[dict[str, object]] = []
+        self._elifs: set[int] = set()
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._cls.append(node.name.value)
@@ -92,12 +95,9 @@ class InferenceFacts(Pass):
             dropped.append("**" + p.star_kwarg.name.value)
         self.note(original, f"{self._where(original)}: dropped parameters {', '.join(dropped)} "
                             "(inference: no cache, mask, labels or extra outputs)")
-        # a trailing comma after the last kept parameter would read oddly
-        if keep and not kw:
-            keep[-1] = keep[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
-        star_arg = p.star_arg if kw else cst.MaybeSentinel.DEFAULT
-        return updated.with_changes(params=p.with_changes(params=keep, kwonly_params=kw, star_kwarg=None,
-                                                          star_arg=star_arg))
+        if kw:  # keyword-only parameters that survive keep their `*` marker
+            return updated.with_changes(params=p.with_changes(params=keep, kwonly_params=kw, star_kwarg=None))
+        return updated.with_changes(params=with_params(p, keep))
 
     def _where(self, fn: cst.FunctionDef) -> str:
         return f"{self._cls[-1]}.{fn.name.value}" if self._cls else fn.name.value
@@ -115,8 +115,6 @@ class InferenceFacts(Pass):
     def leave_Arg(self, original: cst.Arg, updated: cst.Arg):
         if original.keyword is not None:
             updated = updated.with_changes(keyword=original.keyword)
-        if updated.star == "**" and self._fact(code(original.value)) == "**":
-            return cst.RemoveFromParent()
         return updated
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
@@ -149,7 +147,8 @@ class InferenceFacts(Pass):
     def leave_Call(self, original, updated):
         if dotted(updated.func) == "isinstance" and updated.args and _constant(updated.args[0].value) is None:
             return _lit(False)
-        return updated
+        kept = [a for a in updated.args if not (a.star == "**" and self._fact(code(a.value)) == "**")]
+        return with_args(updated, kept) if len(kept) != len(updated.args) else updated
 
     def leave_UnaryOperation(self, original, updated):
         if isinstance(updated.operator, cst.Not):
@@ -178,11 +177,19 @@ class InferenceFacts(Pass):
             return updated
         return updated.body if v else updated.orelse
 
+    def visit_If(self, node: cst.If) -> None:
+        if isinstance(node.orelse, cst.If):
+            self._elifs.add(id(node.orelse))
+
     def leave_If(self, original: cst.If, updated: cst.If):
         v = _constant(updated.test)
         if v == "?":
             return updated
         self.note(original, f"folded `if {code(original.test)}:` (always {bool(v)} at inference)")
+        if id(original) in self._elifs:  # an `elif`: it can only become an `else` or disappear
+            if v:
+                return cst.Else(body=updated.body)
+            return updated.orelse if updated.orelse is not None else cst.RemoveFromParent()
         if v:
             return cst.FlattenSentinel(updated.body.body)
         if updated.orelse is None:
@@ -338,15 +345,8 @@ class _CallSites(Pass):
                 dropped.append(bound or code(a.value))
         if not dropped:
             return updated
-        if args:
-            last = args[-1]
-            had_trailing = isinstance(updated.args[-1].comma, cst.Comma)
-            if not had_trailing:
-                args[-1] = last.with_changes(comma=cst.MaybeSentinel.DEFAULT)
-            elif not isinstance(last.comma, cst.Comma):
-                args[-1] = last.with_changes(comma=updated.args[-1].comma)
         self.note(original, f"call to {callee}: dropped arguments {', '.join(dropped)}")
-        return updated.with_changes(args=args)
+        return with_args(updated, args)
 
 
 def _walk_attrs(node: cst.CSTNode) -> list[str]:
@@ -447,9 +447,8 @@ class DropDeadCode(Pass):
         if len(keep) == len(p.params):
             return fn
         gone = [x.name.value for x in p.params if x not in keep]
-        keep[-1] = keep[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
         self.note(original, f"{self._cls[-1]}.forward: dropped unused parameters {', '.join(gone)}")
-        return fn.with_changes(params=p.with_changes(params=keep))
+        return fn.with_changes(params=with_params(p, keep))
 
 
 def signatures(module: cst.Module) -> dict[str, tuple[list[str], bool]]:

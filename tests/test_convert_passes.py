@@ -1,0 +1,123 @@
+"""Before/after golden tests of the converter's passes, one concept per snippet.
+
+Each tests/golden/convert/NAME.before.py starts with `# golden: passes=A,B role=Class ...`; the passes
+run in that order over the snippet (with the given class roles) and the result must equal
+NAME.after.py exactly. Refusals are tested on snippets below.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import libcst as cst
+import pytest
+
+from porter.convert import ConversionError, convert_source
+from porter.convert.attention import AttentionCall
+from porter.convert.context import Context, SourceLines
+from porter.convert.flatten import FlattenForward
+from porter.convert.imports import ResolveRelativeImports
+from porter.convert.parallel import ParallelLinears
+from porter.convert.prefix import ThreadPrefix
+from porter.convert.report import Report
+from porter.convert.specialise import DropDropout, InferenceFacts, prune, signatures
+
+GOLDEN = Path(__file__).parent / "golden" / "convert"
+PASSES = {p.__name__: p for p in (ResolveRelativeImports, InferenceFacts, DropDropout, FlattenForward,
+                                   ParallelLinears, AttentionCall, ThreadPrefix)}
+
+
+def run_golden(before: str) -> tuple[str, Context]:
+    header, _, body = before.partition("\n")
+    fields = dict(f.split("=", 1) for f in header.removeprefix("# golden:").split())
+    module = cst.parse_module(body)
+    ctx = Context("snippet.py", Report("snippet.py"), SourceLines(module), package="transformers.models.foo")
+    for role in ("attention", "mlp"):
+        setattr(ctx.roles, role, set(fields.get(role, "").split(",")) - {""})
+    for role in ("decoder", "base", "causal_lm"):
+        setattr(ctx.roles, role, fields.get(role))
+    for cls in ctx.roles.attention:
+        ctx.attn_heads.setdefault(cls, ("config.num_attention_heads", "config.num_key_value_heads", "self.head_dim"))
+    assumed = signatures(module)
+    for name in fields["passes"].split(","):
+        if name == "prune":
+            module, assumed = prune(module, ctx, assumed)
+        else:
+            module = module.visit(PASSES[name](ctx))
+    return module.code, ctx
+
+
+CASES = sorted(p.name.removesuffix(".before.py") for p in GOLDEN.glob("*.before.py"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden(name):
+    out, ctx = run_golden((GOLDEN / f"{name}.before.py").read_text())
+    assert not ctx.report.refusals, ctx.report.refusals
+    assert out == (GOLDEN / f"{name}.after.py").read_text()
+    assert ctx.report.changes and all(c.line for c in ctx.report.changes)
+
+
+def test_changes_carry_source_lines():
+    _, ctx = run_golden((GOLDEN / "specialise_facts.before.py").read_text())
+    folded = [c for c in ctx.report.changes if "folded" in c.message]
+    # header line is dropped before parsing: line 4 of the snippet is the `if past_key_values` branch
+    assert [c.line for c in folded][:2] == [3, 5]
+
+
+def refusal(src: str) -> str:
+    with pytest.raises(ConversionError) as e:
+        convert_source(src, "modeling_snippet.py", package="transformers.models.snippet")
+    return str(e.value)
+
+
+ATTENTION = '''
+from torch import nn
+from ...modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class SnipAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        {init}
+
+    def forward(self, hidden_states):
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface("eager", None)
+        return attention_interface(self, hidden_states, hidden_states, hidden_states, None)
+'''
+
+
+def test_refuses_mla_naming_class_and_line():
+    msg = refusal(ATTENTION.format(init="self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, config.kv_lora_rank)"))
+    assert "modeling_snippet.py:6" in msg and "multi-head latent attention `SnipAttention`" in msg
+
+
+def test_refuses_a_file_with_no_model_structure():
+    msg = refusal(ATTENTION.format(init="self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)"))
+    assert "model structure" in msg and "decoder layer" in msg
+
+
+def test_refuses_attention_keywords_it_does_not_know():
+    src = (GOLDEN / "attention.before.py").read_text().replace("dropout=0.0,", "dropout=0.0,\n            rope_fn=1,")
+    out, ctx = run_golden(src)
+    assert any(r.construct == "attention keyword `rope_fn`" for r in ctx.report.refusals)
+
+
+def test_refuses_forward_time_attention_arguments():
+    src = (GOLDEN / "attention.before.py").read_text().replace("sliding_window=self.sliding_window",
+                                                                 "sliding_window=q.shape[0]")
+    _, ctx = run_golden(src)
+    assert any("forward-time values (q)" in r.why for r in ctx.report.refusals)
+
+
+def test_refuses_a_bare_batch_transpose():
+    src = (GOLDEN / "flatten.before.py").read_text().replace("return query_states, value_states",
+                                                             "return query_states.transpose(1, 2)")
+    _, ctx = run_golden(src)
+    assert any("batch-first transpose" in r.why for r in ctx.report.refusals)
+
+
+def test_relative_import_outside_transformers_is_refused():
+    module = cst.parse_module("from .configuration_foo import FooConfig\n")
+    ctx = Context("x.py", Report("x.py"), SourceLines(module), package=None)
+    module.visit(ResolveRelativeImports(ctx))
+    assert ctx.report.refusals and ctx.report.refusals[0].line == 1
