@@ -11,31 +11,13 @@ import json
 import libcst as cst
 import pytest
 
-from porter.convert import ConversionError, convert_file, convert_source
+from porter.convert import ConversionError, convert_source
 from porter.convert.context import Context, SourceLines
 from porter.convert.expert_weights import expert_keys
 from porter.convert.normalise_moe import normalise_moe
 from porter.convert.report import Report
-from porter.convert.source import resolve_source
-from porter.verify.run import VerifyOptions, verify
 
-
-def _convert(model_type: str, tmp_path):
-    path, mt = resolve_source(model_type)
-    result = convert_file(path, model_type=mt)
-    out = tmp_path / f"{model_type}_engine.py"
-    out.write_text(result.code)
-    return result, out
-
-
-def _verify(target: str, model_file) -> None:
-    report = verify(VerifyOptions(target=target, tiny=True, model_file=model_file, max_tokens=12))
-    failed = [f"{c.name}: {c.detail}" for c in report.checks if not c.passed]
-    assert report.passed, failed
-    names = {c.name for c in report.checks}
-    assert {"prefill_logits", "greedy_tokens", "logprobs"} <= names
-    w = report.weights
-    assert not (w.unused_keys or w.unfilled_params or w.shape_errors or w.load_errors), w
+from convert6_helpers import convert as _convert, verify_tiny as _verify
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])

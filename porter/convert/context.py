@@ -94,6 +94,8 @@ class Context:
     ignore_unexpected: list[str] = field(default_factory=list)
     # stacked experts turned into FusedMoE (normalise_moe): HF gate_up parameter -> down parameter
     moe_experts: dict[str, str] = field(default_factory=dict)
+    # regex of checkpoint keys stored transposed (GPT-2 Conv1D weights, normalise_conv1d)
+    transposed_keys: str = ""
 
 
 class Pass(cst.CSTTransformer):

@@ -149,6 +149,7 @@ class CausalLMHead(Pass):
             tied=tied, embed_attr=self.embed_attr, post=[l for s in post for l in code(s).rstrip().splitlines()],
             carried=carried, packed=packed, stacked=stacked,
             renames=[(s.replace('"', '\\"'), d) for s, d in renames], experts=experts,
+            transposed=self.ctx.transposed_keys,
         )
         new = cst.parse_statement(text).with_changes(leading_lines=cls.leading_lines)
         self.note(cls, f"{cls.name.value}: rendered from causal_lm.py.j2 (ParallelLMHead{', tied' if tied else ''}, "

@@ -6,13 +6,14 @@
 Only when the batch and sequence names are read nowhere else than as that consecutive pair of
 `view`/`reshape` arguments: then the code means "restore the leading dims", which is `(T,)` on the
 engine's flat tokens. Any other use (`bsz * q_len`, a loop bound) is left for the flatten pass to refuse.
+Also the last-dim idioms of `_LastDim`.
 """
 from __future__ import annotations
 
 import libcst as cst
 
 from porter.convert.context import Context
-from porter.convert.cst_util import code, loads
+from porter.convert.cst_util import code, loads, self_call_attr
 
 _LEAD = "lead_shape"
 
@@ -73,6 +74,47 @@ class _Rewrite(cst.CSTTransformer):
         return updated
 
 
+class _LastDim(cst.CSTTransformer):
+    """`self.proj(x).split(n, dim=2)` (a projection of [batch, seq, hidden]) -> `dim=-1`, and
+    `y.reshape(*y.shape[:-2], -1)` (merge the heads) -> `y.reshape(*x.shape[:-1], -1)` with x the
+    function's input: both mean the last dim / the leading dims, which on flat tokens are other indices."""
+
+    def __init__(self, ctx: Context):
+        super().__init__()
+        self.ctx = ctx
+        self.inputs: list[str | None] = []
+
+    def visit_FunctionDef(self, node: cst.FunctionDef):
+        params = [p.name.value for p in node.params.params]
+        self.inputs.append(params[1] if len(params) > 1 and params[0] == "self" else None)
+
+    def leave_FunctionDef(self, original, updated):
+        self.inputs.pop()
+        return updated
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call):
+        f = updated.func
+        if not isinstance(f, cst.Attribute):
+            return updated
+        if f.attr.value in ("split", "chunk") and isinstance(f.value, cst.Call) and self_call_attr(f.value):
+            args = list(updated.args)
+            for i, a in enumerate(args):
+                if (a.keyword is not None and a.keyword.value == "dim" or a.keyword is None and i == 1) \
+                        and code(a.value) == "2":
+                    args[i] = a.with_changes(value=cst.parse_expression("-1"))
+                    self.ctx.report.change("shapes", self.ctx.lines.of(original),
+                                           f"`{code(original)[:60]}`: dim=2 of a projection output -> dim=-1")
+                    return updated.with_changes(args=args)
+        if f.attr.value in ("reshape", "view") and self.inputs and self.inputs[-1] and len(updated.args) == 2 \
+                and updated.args[0].star == "*" and code(updated.args[1].value) == "-1" \
+                and code(updated.args[0].value) == f"{code(f.value)}.shape[:-2]":
+            new = cst.parse_expression(f"{code(f.value)}.{f.attr.value}(*{self.inputs[-1]}.shape[:-1], -1)")
+            self.ctx.report.change("shapes", self.ctx.lines.of(original),
+                                   f"`{code(original)}` -> `{code(new)}` (heads merged back onto the input's leading dims)")
+            return new
+        return updated
+
+
 class _Functions(cst.CSTTransformer):
     def __init__(self, ctx: Context):
         super().__init__()
@@ -97,4 +139,4 @@ class _Functions(cst.CSTTransformer):
 
 
 def normalise_shapes(module: cst.Module, ctx: Context) -> cst.Module:
-    return module.visit(_Functions(ctx))
+    return module.visit(_Functions(ctx)).visit(_LastDim(ctx))

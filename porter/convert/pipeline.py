@@ -15,6 +15,9 @@ from porter.convert.flatten import FlattenForward
 from porter.convert.head import DERIVED_KEYS, CausalLMHead
 from porter.convert.imports import ResolveRelativeImports
 from porter.convert.layout import tidy_layout
+from porter.convert.normalise_constants import normalise_constants, propagate_constants
+from porter.convert.normalise_conv1d import normalise_conv1d
+from porter.convert.normalise_inputs import normalise_inputs
 from porter.convert.normalise_moe import normalise_moe
 from porter.convert.normalise_shapes import normalise_shapes
 from porter.convert.parallel import ParallelLinears
@@ -74,14 +77,19 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     # normalisations: older or MoE idioms rewritten into the forms the passes below convert
     step("shapes", lambda m: normalise_shapes(m, ctx))
     step("moe", lambda m: normalise_moe(m, ctx))
+    step("conv1d", lambda m: normalise_conv1d(m, ctx))
     # the normalisations rebuild the tree: index lines on the code the passes see (the source itself
     # unless a normalisation rewrote something)
     ctx.lines = SourceLines(module)
     step("analyse", lambda m: (analyse(m, ctx), m)[1])
+    step("constants", lambda m: normalise_constants(m, ctx))
+    step("inputs", lambda m: normalise_inputs(m, ctx))
     step("imports", lambda m: m.visit(ResolveRelativeImports(ctx)))
     step("plumbing", lambda m: m.visit(DropPlumbing(ctx)))
     assumed = signatures(module)
     step("specialise", lambda m: m.visit(InferenceFacts(ctx)).visit(DropDropout(ctx)))
+    # locals the facts made constant (`is_cross_attention = False`), then fold what they guard
+    step("specialise", lambda m: propagate_constants(m, ctx).visit(InferenceFacts(ctx)))
 
     def _prune(m):
         nonlocal assumed

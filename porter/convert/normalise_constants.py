@@ -1,0 +1,209 @@
+"""Constant facts that older files route through local variables, made visible to branch folding.
+
+- The engine runs its own attention, never one of HF's implementations: a comparison of
+  `..._attn_implementation` with a string literal is False for `==` and True for `!=`
+  (GPT-2's `using_eager and self.reorder_and_upcast_attn` branch then folds to the interface call).
+- A local bound exactly once, at the top of a function body, to True/False/None and never rebound
+  (`is_cross_attention = encoder_hidden_states is not None` after specialisation) is substituted into
+  its reads and the assignment dropped, so `if is_cross_attention:` folds too.
+Folding of the branches themselves is the specialise pass's (re-run after this), or `fold` here for
+code outside the blocks before roles are known.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import libcst as cst
+
+from porter.convert.context import Context, Pass
+from porter.convert.cst_util import code, init_assignments, self_attr, target_names
+
+_LITERALS = {"True": True, "False": False, "None": None}
+
+
+def _literal(node) -> str | None:
+    return node.value if isinstance(node, cst.Name) and node.value in _LITERALS else None
+
+
+class _AttnImplementation(Pass):
+    name = "constants"
+
+    def leave_Comparison(self, original: cst.Comparison, updated: cst.Comparison):
+        if len(updated.comparisons) != 1:
+            return updated
+        comp = updated.comparisons[0]
+        sides = (updated.left, comp.comparator)
+        if not any(isinstance(s, cst.Attribute) and s.attr.value == "_attn_implementation" for s in sides) or \
+                not any(isinstance(s, cst.SimpleString) for s in sides):
+            return updated
+        if isinstance(comp.operator, (cst.Equal, cst.NotEqual)):
+            value = isinstance(comp.operator, cst.NotEqual)
+            self.ctx.report.change("constants", self.ctx.lines.of(original),
+                                   f"`{code(original)}` -> {value} (the engine's own attention runs)")
+            return cst.Name(repr(value))
+        return updated
+
+
+class _NoCrossAttention(Pass):
+    """A decoder-only causal LM has no encoder: `<config>.add_cross_attention` is False, and so is an
+    `is_cross_attention` constructor parameter and the `self.<attr>` that stores it."""
+
+    name = "constants"
+    PARAMS = ("is_cross_attention",)
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.attrs: set[str] = set()
+        init = next((s for s in node.body.body if isinstance(s, cst.FunctionDef) and s.name.value == "__init__"), None)
+        if init is None or not any(p.name.value in self.PARAMS for p in init.params.params):
+            return
+        for attr, value in init_assignments(node):
+            if isinstance(value, cst.Name) and value.value in self.PARAMS:
+                self.attrs.add(attr)
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self.params = {p.name.value for p in node.params.params if p.name.value in self.PARAMS}
+
+    def leave_AssignTarget(self, original, updated):
+        return updated.with_changes(target=original.target)
+
+    def leave_Param(self, original, updated):
+        return original
+
+    def leave_Arg(self, original, updated):
+        return updated.with_changes(keyword=original.keyword)
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
+        if original.attr.value == "add_cross_attention" or self_attr(original) in getattr(self, "attrs", ()):
+            self.note(original, f"`{code(original)}` -> False (decoder-only: no cross-attention)")
+            return cst.Name("False")
+        return updated.with_changes(attr=original.attr)
+
+    def leave_Name(self, original: cst.Name, updated: cst.Name):
+        return cst.Name("False") if original.value in getattr(self, "params", ()) else updated
+
+
+class _Bindings(cst.CSTVisitor):
+    """Counts every binding of each name in a function (assignments, loops, with, augmented, walrus)."""
+
+    def __init__(self):
+        self.count: Counter[str] = Counter()
+
+    def _bind(self, target):
+        names = target_names(target)
+        for n in names or []:
+            self.count[n] += 1
+
+    def visit_AssignTarget(self, node):
+        self._bind(node.target)
+
+    def visit_AugAssign(self, node):
+        self._bind(node.target)
+
+    def visit_AnnAssign(self, node):
+        self._bind(node.target)
+
+    def visit_For(self, node):
+        self._bind(node.target)
+
+    def visit_CompFor(self, node):
+        self._bind(node.target)
+
+    def visit_WithItem(self, node):
+        if node.asname is not None:
+            self._bind(node.asname.name)
+
+    def visit_NamedExpr(self, node):
+        self._bind(node.target)
+
+    def visit_Param(self, node):
+        self.count[node.name.value] += 1
+
+
+class _Substitute(cst.CSTTransformer):
+    def __init__(self, values: dict[str, str]):
+        super().__init__()
+        self.values = values
+
+    def leave_Name(self, original, updated):
+        return cst.Name(self.values[updated.value]) if updated.value in self.values else updated
+
+    def leave_Arg(self, original, updated):
+        return updated.with_changes(keyword=original.keyword)
+
+    def leave_Attribute(self, original, updated):
+        return updated.with_changes(attr=original.attr)
+
+    def leave_Param(self, original, updated):
+        return updated.with_changes(name=original.name)
+
+
+class _PropagateLocals(Pass):
+    name = "constants"
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
+        b = _Bindings()
+        updated.visit(b)
+        values: dict[str, str] = {}
+        drop = []
+        for stmt in updated.body.body:
+            if isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and \
+                    isinstance(stmt.body[0], cst.Assign) and len(stmt.body[0].targets) == 1:
+                t, v = stmt.body[0].targets[0].target, stmt.body[0].value
+                if isinstance(t, cst.Name) and _literal(v) is not None and b.count[t.value] == 1:
+                    values[t.value] = _literal(v)
+                    drop.append(stmt)
+        if not values:
+            return updated
+        for stmt in drop:
+            name = stmt.body[0].targets[0].target.value
+            self.ctx.report.change("constants", self.ctx.lines.of(stmt),
+                                   f"local `{name}` is always {values[name]}: substituted into its reads")
+        body = [s for s in updated.body.body if not any(s is d for d in drop)]
+        fn = updated.with_changes(body=updated.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
+        return fn.with_changes(body=fn.body.visit(_Substitute(values)))
+
+
+class _Fold(Pass):
+    """`not C`, `C and x`, `C or x` and `if C:` with C a literal."""
+
+    name = "constants"
+
+    def leave_UnaryOperation(self, original, updated):
+        v = _literal(updated.expression)
+        if isinstance(updated.operator, cst.Not) and v is not None:
+            return cst.Name(repr(not _LITERALS[v]))
+        return updated
+
+    def leave_BooleanOperation(self, original, updated):
+        v = _literal(updated.left)
+        if v is None:
+            return updated
+        truth = bool(_LITERALS[v])
+        if isinstance(updated.operator, cst.And):
+            return updated.right if truth else updated.left
+        return updated.left if truth else updated.right
+
+    def leave_If(self, original, updated: cst.If):
+        v = _literal(updated.test)
+        if v is None:
+            return updated
+        if _LITERALS[v]:
+            return cst.FlattenSentinel(updated.body.body)
+        if updated.orelse is None:
+            return cst.RemoveFromParent()
+        if isinstance(updated.orelse, cst.If):
+            return updated.orelse
+        return cst.FlattenSentinel(updated.orelse.body.body)
+
+
+def normalise_constants(module: cst.Module, ctx: Context) -> cst.Module:
+    """Before plumbing (which drops helper methods no branch calls any more): the attention-implementation
+    fact, propagated and folded. Passes, so source lines follow the rewritten nodes."""
+    module = module.visit(_AttnImplementation(ctx)).visit(_NoCrossAttention(ctx))
+    return module.visit(_PropagateLocals(ctx)).visit(_Fold(ctx))
+
+
+def propagate_constants(module: cst.Module, ctx: Context) -> cst.Module:
+    """After the inference facts are in: constant locals substituted (the caller re-folds)."""
+    return module.visit(_PropagateLocals(ctx))
+

@@ -1,0 +1,102 @@
+"""porter convert on older-style files: GPT-2's Conv1D (transposed weights), fused c_attn split on the
+last dim, eager-only attention branches, cross-attention branches, batch-shaped base-model input code.
+
+End to end per model type, as in test_convert6_moe: convert, tiny random checkpoint, porter verify's
+prefill logits, greedy tokens over 12 new tokens for 4 prompts and logprobs within 2e-3 (fp32, CPU).
+"""
+from __future__ import annotations
+
+import libcst as cst
+import pytest
+
+from porter.convert.context import Context, SourceLines
+from porter.convert.normalise_constants import normalise_constants
+from porter.convert.normalise_conv1d import normalise_conv1d
+from porter.convert.normalise_shapes import normalise_shapes
+from porter.convert.report import Report
+
+from convert6_helpers import convert as _convert, verify_tiny as _verify
+
+OLDER = ["gpt2"]
+
+
+@pytest.mark.parametrize("model_type", OLDER)
+def test_older_model_matches_hf(model_type, tmp_path):
+    result, out = _convert(model_type, tmp_path)
+    _verify(model_type, out)
+
+
+def test_gpt2_conversion_steps_are_reported(tmp_path):
+    result, _ = _convert("gpt2", tmp_path)
+    by_pass = result.report.by_pass()
+    assert any("Conv1D" in c.message for c in by_pass["conv1d"])
+    assert "Conv1D(" not in result.code and ".t()" in result.code  # load_weights transposes
+    assert "_upcast_and_reordered_attn" not in result.code  # the eager-only branch folded away
+    assert "self.crossattention =" not in result.code and "encoder_hidden_states" not in result.code
+
+
+def _ctx(src):
+    module = cst.parse_module(src)
+    return module, Context(filename="s.py", report=Report("s.py"), lines=SourceLines(module), package=None)
+
+
+def test_conv1d_becomes_linear_and_its_keys_are_transposed():
+    module, ctx = _ctx('''
+class Mlp(nn.Module):
+    def __init__(self, n, config):
+        self.c_fc = Conv1D(n, config.hidden_size)
+
+class Block(nn.Module):
+    def __init__(self, config):
+        self.mlp = Mlp(4, config)
+''')
+    code = normalise_conv1d(module, ctx).code
+    assert "self.c_fc = nn.Linear(config.hidden_size, n)" in code
+    assert ctx.transposed_keys == r"\.mlp\.c_fc\.weight$"
+
+
+def test_shape_idioms_on_the_last_dim():
+    module, ctx = _ctx('''
+class A(nn.Module):
+    def forward(self, hidden_states):
+        q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        out = out.reshape(*out.shape[:-2], -1)
+        b, s, h = hidden_states.shape
+        return out.view(b, s, h)
+''')
+    code = normalise_shapes(module, ctx).code
+    assert "split(self.split_size, dim=-1)" in code
+    assert "out.reshape(*hidden_states.shape[:-1], -1)" in code
+    assert "*lead_shape, h = hidden_states.shape" in code and "out.view(*lead_shape, h)" in code
+
+
+def test_shape_unpack_used_otherwise_is_left_alone():
+    module, ctx = _ctx('''
+def f(self, x):
+    b, s, h = x.shape
+    return x.view(b * s, h)
+''')
+    assert "b, s, h = x.shape" in normalise_shapes(module, ctx).code
+
+
+def test_eager_branch_and_cross_attention_fold():
+    module, ctx = _ctx('''
+class Attn(nn.Module):
+    def __init__(self, config, is_cross_attention=False):
+        self.is_cross_attention = is_cross_attention
+        if self.is_cross_attention:
+            self.q_attn = Conv1D(1, 2)
+        if config.add_cross_attention:
+            self.cross = 1
+
+    def forward(self, x):
+        using_eager = self.config._attn_implementation == "eager"
+        if using_eager and self.reorder:
+            out = self._slow(x)
+        else:
+            out = fast(x)
+        return out
+''')
+    code = normalise_constants(module, ctx).code
+    assert "q_attn" not in code and "self.cross" not in code and "using_eager" not in code
+    assert "out = fast(x)" in code and "_slow" not in code
