@@ -23,14 +23,14 @@ class Report:
     prompt_lengths: list[int]
     max_tokens: int
     checks: list[Check] = field(default_factory=list)
-    weights: WeightReport = field(default_factory=WeightReport)
+    weights: WeightReport | None = None  # None: the engine model was never built (conversion/build failed)
     localisation: dict | None = None  # {"divergence": {...} | None, "tolerance_rel": ..., "trace": [...]}
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks) and self.weights.ok
+        return bool(self.checks) and all(c.passed for c in self.checks) and self.weights is not None and self.weights.ok
 
     @property
     def divergence(self) -> dict | None:
@@ -49,7 +49,7 @@ class Report:
             "prompt_lengths": self.prompt_lengths,
             "max_tokens": self.max_tokens,
             "checks": [c.to_dict() for c in self.checks],
-            "weights": self.weights.to_dict(),
+            "weights": self.weights.to_dict() if self.weights is not None else None,
             "localisation": self.localisation,
             "notes": self.notes,
             "seconds": round(self.seconds, 3),
@@ -63,8 +63,12 @@ class Report:
         mark = {True: "[green]pass[/]", False: "[red]FAIL[/]"}
         for c in self.checks:
             table.add_row(c.name, mark[c.passed], c.detail)
-        problems = self.weights.problems()
-        table.add_row("weights", mark[self.weights.ok], "\n".join(problems[:12]) or "every key loaded, every parameter filled")
+        if self.weights is None:
+            table.add_row("weights", "-", "not checked: no engine model was built")
+        else:
+            problems = self.weights.problems()
+            table.add_row("weights", mark[self.weights.ok],
+                          "\n".join(problems[:12]) or "every key loaded, every parameter filled")
         if self.localisation is not None:
             d = self.divergence
             table.add_row("first divergence", "[red]found[/]" if d else "none",
