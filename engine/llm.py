@@ -136,6 +136,11 @@ class LLM:
     ):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("num_kv_blocks", num_kv_blocks),
+                            ("tensor_parallel_size", tensor_parallel_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         model_dir = Path(model)
         hf_config = load_hf_config(model_dir, trust_remote_code)
         dev = resolve_device(device)
@@ -148,7 +153,7 @@ class LLM:
             block_size=block_size,
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens or max(4096, max_num_seqs),
+            max_num_batched_tokens=max_num_batched_tokens or max(8192, max_num_seqs),
             attention_backend=resolve_attention_backend(attention_backend, dev),
             enable_prefix_caching=enable_prefix_caching,
             num_kv_blocks=num_kv_blocks,

@@ -107,6 +107,10 @@ def test_bad_arguments(llm, tmp_path):
         LLM(model=FIXTURE, max_model_len=100_000)
     with pytest.raises(ValueError, match="dtype"):
         LLM(model=FIXTURE, dtype="float8")
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(model=FIXTURE, block_size=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(model=FIXTURE, max_num_seqs=0)
 
 
 def test_unknown_architecture_is_a_clear_error(tmp_path):
