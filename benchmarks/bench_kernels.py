@@ -169,7 +169,7 @@ def decode_inputs(batch, ctx):
     return q, kc, vc, (tables if isinstance(tables, list) else [tables]), lens
 
 
-def time_decode(inputs, batch, ctx, config=DEFAULT_CONFIG, eager=True):
+def time_decode(inputs, batch, ctx, config=DEFAULT_CONFIG, eager=True):  # D=128: the default
     q, kc, vc, tables, lens = inputs
     splits = choose_num_splits(batch, HKV, ctx, config)
     it = itertools.cycle(tables)

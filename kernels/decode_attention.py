@@ -36,6 +36,12 @@ class DecodeConfig:
 
 
 DEFAULT_CONFIG = DecodeConfig(block_n=16, num_warps=1, num_stages=1) if INTERPRETED else DecodeConfig()
+# Head dims above 128: halve the tile and the pipeline depth so K/V stages fit in shared memory.
+BIG_HEAD_CONFIG = DEFAULT_CONFIG if INTERPRETED else DecodeConfig(block_n=32, num_stages=2)
+
+
+def pick_config(head_size: int) -> DecodeConfig:
+    return DEFAULT_CONFIG if head_size <= 128 else BIG_HEAD_CONFIG
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,8 +50,9 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
-                      config: DecodeConfig = DEFAULT_CONFIG, num_sms: int | None = None) -> int:
+                      config: DecodeConfig | None = None, num_sms: int | None = None) -> int:
     """Enough splits to fill the GPU, none shorter than min_tokens_per_split (host ints only)."""
+    config = config or DEFAULT_CONFIG
     if num_sms is None:
         num_sms = _num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 4
     want = round(config.programs_per_sm * num_sms / max(num_seqs * num_kv_heads, 1))
@@ -170,7 +177,7 @@ def _decode_reduce_kernel(
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_splits,
                      sliding_window=None, logits_soft_cap=None, alibi_slopes=None, sinks=None,
-                     out=None, config: DecodeConfig = DEFAULT_CONFIG):
+                     out=None, config: DecodeConfig | None = None):
     """q [B, Hq, D] (one token per sequence, the last of its context) -> out [B, Hq, D].
 
     alibi_slopes and sinks are fp32 tensors [Hq] on q's device (or None)."""
@@ -184,6 +191,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
         out = torch.empty_like(q)
     if b == 0:
         return out
+    config = config or pick_config(d)
     group = hq // hkv
     direct = num_splits == 1
     if direct:  # never touched: stage 1 writes `out`

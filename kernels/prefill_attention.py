@@ -32,9 +32,13 @@ DEFAULT_CONFIG = PrefillConfig(16, 16, 1, 1) if INTERPRETED else PrefillConfig()
 # but 154 vs 174 at 512).
 LONG_CONFIG = DEFAULT_CONFIG if INTERPRETED else PrefillConfig(128, 128, 8, 3)
 LONG_QUERY = 2048
+# Head dims above 128: smaller key tiles so q plus the K/V stages fit in shared memory.
+BIG_HEAD_CONFIG = DEFAULT_CONFIG if INTERPRETED else PrefillConfig(64, 32, 4, 2)
 
 
-def pick_config(max_query_len: int) -> PrefillConfig:
+def pick_config(max_query_len: int, head_size: int = 128) -> PrefillConfig:
+    if head_size > 128:
+        return BIG_HEAD_CONFIG
     return LONG_CONFIG if max_query_len >= LONG_QUERY else DEFAULT_CONFIG
 
 
@@ -186,7 +190,7 @@ def prefill_attention(q, k, v, query_start_loc, seq_lens, block_tables, max_quer
         kb, ks, kh = k.stride(0), 0, k.stride(1)
         vb, vs, vh = v.stride(0), 0, v.stride(1)
         block_size, bt, stride_bt = 1, seq_lens, 0
-    config = config or pick_config(max_query_len)
+    config = config or pick_config(max_query_len, d)
     grid = (triton.cdiv(max_query_len, config.block_m), num_seqs, hq)
     _prefill_kernel[grid](
         q, k, v, out, query_start_loc, seq_lens, bt,

@@ -163,3 +163,23 @@ def test_attention_bf16_gpu_real_shapes(features):
     out = prefill_attention(q2, kc, vc, starts, lens, tables, max(q_lens), scale=d ** -0.5, **feats)
     ref = paged_attention_ref(q2, kc, vc, starts, lens, tables, scale=d ** -0.5, **feats)
     assert _rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d", [(8, 1, 64), (12, 4, 96), (8, 2, 256), (64, 8, 128), (4, 4, 80)])
+def test_attention_head_shapes_gpu(hq, hkv, d):
+    """Head sizes 64..256 (padded ones too) and group sizes 1..8 compile and match, bf16."""
+    gen = torch.Generator().manual_seed(7)
+    seq_lens = [700, 2100, 5]
+    q, kc, vc, tables, _, lens = _paged_batch(seq_lens, [1] * 3, hq, hkv, d, 16, torch.bfloat16, gen)
+    starts = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    feats = _features(hq, gen, sinks=True)
+    ref = paged_attention_ref(q, kc, vc, starts, lens, tables, scale=d ** -0.5, **feats)
+    for splits in (1, 9):
+        out = decode_attention(q, kc, vc, tables, lens, scale=d ** -0.5, num_splits=splits, **feats)
+        assert _rel_err(out, ref) < 1e-2
+    q_lens = [700, 2100, 5]
+    q2, kc, vc, tables, starts, lens = _paged_batch(seq_lens, q_lens, hq, hkv, d, 16, torch.bfloat16, gen)
+    out = prefill_attention(q2, kc, vc, starts, lens, tables, max(q_lens), scale=d ** -0.5, **feats)
+    ref = paged_attention_ref(q2, kc, vc, starts, lens, tables, scale=d ** -0.5, **feats)
+    assert _rel_err(out, ref) < 1e-2

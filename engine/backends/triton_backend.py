@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from porter.engine.forward_context import AttentionMetadata
-from porter.kernels.decode_attention import choose_num_splits, decode_attention
+from porter.kernels.decode_attention import choose_num_splits, decode_attention, pick_config
 from porter.kernels.kv_cache import write_kv_cache as _write_kv_cache
 from porter.kernels.prefill_attention import prefill_attention
 
@@ -36,7 +36,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 alibi_slopes=_per_head(alibi_slopes, q.device), sinks=_per_head(sinks, q.device))
     if meta.decode_only and q.shape[0] == meta.num_seqs:
         max_ctx = min(meta.max_seq_len, meta.block_tables.shape[1] * k_cache.shape[1])
-        splits = choose_num_splits(meta.num_seqs, k_cache.shape[2], max_ctx)
+        splits = choose_num_splits(meta.num_seqs, k_cache.shape[2], max_ctx, pick_config(q.shape[2]))
         return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                 num_splits=splits, **opts)
     return prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
