@@ -26,6 +26,7 @@ from porter.convert.cst_util import (
     same_code,
     self_attr,
     self_call_attr,
+    target_names,
 )
 
 _SLICING_METHODS = {"chunk", "split", "unbind", "tensor_split"}
@@ -97,6 +98,34 @@ def _sliced_outputs(fwd: cst.FunctionDef, attrs: set[str]) -> cst.CSTNode | None
     return found[0] if found else None
 
 
+def _reads_block_input(fwd: cst.FunctionDef, attrs: set[str]) -> dict[str, bool]:
+    """attr -> True when every call of that linear reads the forward's first input unchanged (a name
+    is the input until a statement rebinds it), in statement order."""
+    params = param_names(fwd)[1:2]
+    current = set(params)
+    out: dict[str, bool] = {}
+
+    def visit(stmts):
+        for stmt in stmts:
+            for call in [c for a in attrs for c in _calls_of(stmt, a)]:
+                a = self_call_attr(call)
+                ok = len(call.args) == 1 and isinstance(call.args[0].value, cst.Name) and \
+                    call.args[0].value.value in current
+                out[a] = out.get(a, True) and ok
+            if isinstance(stmt, cst.SimpleStatementLine):
+                for small in stmt.body:
+                    if isinstance(small, (cst.Assign, cst.AnnAssign, cst.AugAssign)):
+                        targets = [t.target for t in small.targets] if isinstance(small, cst.Assign) \
+                            else [small.target]
+                        aliases = isinstance(getattr(small, "value", None), cst.Name) and small.value.value in current
+                        for t in targets:
+                            for n in target_names(t) or []:
+                                (current.add if aliases else current.discard)(n)
+
+    visit(fwd.body.body)
+    return out
+
+
 def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
     """`heads * head_size` -> (heads, head_size) code."""
     if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
@@ -155,10 +184,9 @@ class ParallelLinears(Pass):
         if not linears:
             self.ctx.sharded[name] = False
             return cls
-        inputs = param_names(fwd)[1:2]
         calls = {a: _calls_of(fwd, a) for a in linears}
-        column = [a for a in linears if calls[a] and all(
-            len(c.args) == 1 and inputs and code(c.args[0].value) == inputs[0] for c in calls[a])]
+        reads_input = _reads_block_input(fwd, set(linears))
+        column = [a for a in linears if calls[a] and reads_input.get(a)]
         row = [a for a in linears if a not in column]
         unused = [a for a in linears if not calls[a]]
         if unused:

@@ -7,6 +7,7 @@ import libcst as cst
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import code, dotted, loads, methods, parse_stmt, self_attr
+from porter.convert.specialise import DropDeadCode
 
 ENGINE_IMPORTS = {
     "EngineConfig": "porter.engine.config",
@@ -85,6 +86,7 @@ class Tidy(Pass):
     def run(self, module: cst.Module) -> cst.Module:
         module = self._unused_definitions(module)
         module = self._unused_attributes(module)
+        module = module.visit(DropDeadCode(self.ctx))  # locals that only fed removed attributes
         module = self._unused_definitions(module)
         module = self._imports(module)
         return module
@@ -119,7 +121,8 @@ class Tidy(Pass):
                         if isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and \
                                 isinstance(stmt.body[0], cst.Assign):
                             attr = self_attr(stmt.body[0].targets[0].target)
-                            if attr and attr != "config" and attr not in reads.get(s.name.value, ()) and \
+                            if attr and not (attr == "config" and s.name.value == self.ctx.roles.base) and \
+                                    attr not in reads.get(s.name.value, ()) and \
                                     attr not in reads["*"] and \
                                     not _is_module_ctor(stmt.body[0].value):
                                 self.ctx.report.change(self.name, self.ctx.lines.of(stmt, s.name.value),
