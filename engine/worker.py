@@ -12,12 +12,13 @@ copying the small per-step payloads and results.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import pickle
 import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -71,12 +72,19 @@ def _to_cpu(obj):
     return obj
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the engine process dies, even by SIGKILL, so no
-    orphan waits forever inside a collective holding a GPU."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _exit_when_orphaned(poll_s: float = 1.0) -> None:
+    """Exit when the engine process is gone, even if it was SIGKILLed, so no orphan waits forever
+    inside a collective holding a GPU. A thread, not prctl(PR_SET_PDEATHSIG): that signal fires
+    when the *thread* that started the worker ends, which would kill workers of an LLM built in a
+    short-lived thread. Collectives release the GIL, so this thread runs while one blocks."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="porter-tp-orphan-watch", daemon=True).start()
 
 
 def local_engine_config(spec: WorkerSpec) -> EngineConfig:
@@ -87,7 +95,7 @@ def local_engine_config(spec: WorkerSpec) -> EngineConfig:
 
 
 def worker_main(spec: WorkerSpec, conn) -> None:
-    _die_with_parent()
+    _exit_when_orphaned()
     # Ctrl-C reaches the whole process group; the engine process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = local_engine_config(spec)
