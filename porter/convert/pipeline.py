@@ -10,6 +10,7 @@ import libcst as cst
 
 from porter.convert.analyse import analyse
 from porter.convert.attention import AttentionCall
+from porter.convert.batch_helpers import BatchOfOneHelpers
 from porter.convert.context import Context, SourceLines
 from porter.convert.flatten import FlattenForward
 from porter.convert.head import DERIVED_KEYS, CausalLMHead
@@ -97,7 +98,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
         return m
 
     step("specialise", _prune)
-    step("flatten", lambda m: m.visit(FlattenForward(ctx)))
+    step("flatten", lambda m: m.visit(FlattenForward(ctx)).visit(BatchOfOneHelpers(ctx)))
     step("parallel", lambda m: m.visit(ParallelLinears(ctx)))
     step("attention", lambda m: m.visit(AttentionCall(ctx)))
     step("specialise", _prune)
