@@ -126,10 +126,13 @@ def expert_params_mapping(moe_experts: dict[str, str], keys: list[str | None], o
     for gate_up, down in moe_experts.items():
         found, used = expert_keys(keys, gate_up, down)
         for _ in range(used):
-            other.remove("WeightConverter")
+            if "WeightConverter" in other:  # absent when the mapping came through a model-type alias
+                other.remove("WeightConverter")
         if found is not None:
             parts.append(f'FusedMoE.make_expert_params_mapping("{found.gate}", "{found.down}", "{found.up}", '
                          "num_experts)")
-        # the stacked in-memory layout too: what a checkpoint without a conversion mapping holds
-        parts.append(f'FusedMoE.make_stacked_params_mapping("{gate_up}", "{down}")')
+        # the stacked in-memory layout too (what a checkpoint without a conversion mapping holds), matched
+        # from the dot before `experts` so `shared_experts.down_proj` is not taken for it
+        parts.append(f'[(".experts.w13_weight", ".experts.{gate_up}", None, "w13"), '
+                     f'(".experts.w2_weight", ".experts.{down}", None, "w2")]')
     return " + ".join(parts)
