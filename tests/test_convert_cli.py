@@ -83,3 +83,27 @@ def test_bad_source_is_a_usage_error(tmp_path, src, message):
     res = runner.invoke(app, ["convert", src, "-o", str(tmp_path / "x.py")])
     assert res.exit_code == 2
     assert message in res.output
+
+
+def test_custom_remote_code_file_converts_and_matches_hf(tmp_path):
+    """A trust_remote_code modeling file outside transformers (the fixture's Parallax): its relative
+    config import becomes PretrainedConfig annotations, and the engine decodes what HF decodes."""
+    from transformers import AutoModelForCausalLM
+
+    from porter.engine import LLM, SamplingParams
+
+    ckpt = FIXTURE.parent / "custom_model"
+    out = tmp_path / "parallax.py"
+    res = runner.invoke(app, ["convert", str(ckpt / "modeling_parallax.py"), "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    llm = LLM(model=ckpt, model_file=out, dtype="float32", device="cpu", skip_tokenizer_init=True,
+              trust_remote_code=True, max_model_len=64, num_kv_blocks=16)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, torch_dtype=torch.float32).eval()
+    prompts = [[3, 4, 5, 6, 7], list(range(10, 29))]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for prompt, o in zip(prompts, outs):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert o.outputs[0].token_ids == ids[len(prompt):]

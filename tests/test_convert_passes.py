@@ -116,8 +116,18 @@ def test_refuses_a_bare_batch_transpose():
     assert any("batch-first transpose" in r.why for r in ctx.report.refusals)
 
 
-def test_relative_import_outside_transformers_is_refused():
-    module = cst.parse_module("from .configuration_foo import FooConfig\n")
+def test_relative_import_outside_transformers_is_refused_when_used_in_code():
+    module = cst.parse_module("from .configuration_foo import FooConfig\n\nDEFAULT = FooConfig()\n")
     ctx = Context("x.py", Report("x.py"), SourceLines(module), package=None)
     module.visit(ResolveRelativeImports(ctx))
     assert ctx.report.refusals and ctx.report.refusals[0].line == 1
+
+
+def test_remote_code_config_class_in_annotations_becomes_pretrained_config():
+    src = "from torch import nn\nfrom .configuration_foo import FooConfig\n\n\ndef make(config: FooConfig):\n    pass\n"
+    module = cst.parse_module(src)
+    ctx = Context("x.py", Report("x.py"), SourceLines(module), package=None)
+    out = module.visit(ResolveRelativeImports(ctx)).code
+    assert not ctx.report.refusals
+    assert out == ("from transformers import PretrainedConfig\nfrom torch import nn\n\n\n"
+                   "def make(config: PretrainedConfig):\n    pass\n")

@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="only the one-line result"),
     ) -> None:
         """Convert SRC into an engine model file (flat tokens, paged attention, TP layers, load_weights)."""
-        from porter.convert import ConversionError, convert_file
+        from porter.convert import ConversionError, convert_source
+        from porter.convert.pipeline import transformers_package
         from porter.convert.source import SourceError, model_type_from_config, resolve_source
 
         out, err = Console(highlight=False), Console(stderr=True, highlight=False)
@@ -32,8 +33,9 @@ def register(app: typer.Typer) -> None:
         except SourceError as e:
             err.print(f"[red]error:[/red] {escape(str(e))}")
             raise typer.Exit(2)
+        package = transformers_package(path)
         try:
-            result = convert_file(path, model_type=model_type)
+            result = convert_source(path.read_text(), str(path), package=package, model_type=model_type)
         except ConversionError as e:
             if report is not None:
                 from porter.convert.report import Report

@@ -12,9 +12,64 @@ def _module_expr(dotted_name: str) -> cst.BaseExpression:
     return cst.parse_expression(dotted_name)
 
 
+class _AnnotationUses(cst.CSTVisitor):
+    """Names read inside annotations vs anywhere else."""
+
+    def __init__(self, skip: set[str]):
+        self.depth, self.in_annotation, self.elsewhere, self.skip = 0, set(), set(), skip
+
+    def visit_ClassDef(self, node):
+        return node.name.value not in self.skip  # classes the plumbing pass removes
+
+    def visit_Annotation(self, node):
+        self.depth += 1
+
+    def leave_Annotation(self, node):
+        self.depth -= 1
+
+    def visit_ImportFrom(self, node):
+        return False
+
+    def visit_Name(self, node):
+        (self.in_annotation if self.depth else self.elsewhere).add(node.value)
+
+
+class _RetypeAnnotations(cst.CSTTransformer):
+    def __init__(self, names: set[str]):
+        super().__init__()
+        self.names, self.depth = names, 0
+
+    def visit_Annotation(self, node):
+        self.depth += 1
+
+    def leave_Annotation(self, original, updated):
+        self.depth -= 1
+        return updated
+
+    def leave_Name(self, original, updated):
+        return updated.with_changes(value="PretrainedConfig") if self.depth and updated.value in self.names else updated
+
+
 class ResolveRelativeImports(Pass):
     name = "imports"
-    scope = "top"
+
+    def visit_Module(self, node: cst.Module) -> None:
+        uses = _AnnotationUses(self.ctx.roles.pretrained | self.ctx.roles.dropped)
+        node.visit(uses)
+        self.uses = uses
+        self.retyped: set[str] = set()
+
+    def on_visit(self, node) -> bool:
+        return super().on_visit(node) and not isinstance(node, (cst.ClassDef, cst.FunctionDef))
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        if not self.retyped:
+            return updated
+        body = [s.visit(_RetypeAnnotations(self.retyped)) for s in updated.body]
+        first = next(i for i, s in enumerate(body) if isinstance(s, cst.SimpleStatementLine)
+                     and isinstance(s.body[0], (cst.Import, cst.ImportFrom)))
+        body.insert(first, cst.parse_statement("from transformers import PretrainedConfig\n"))
+        return updated.with_changes(body=body)
 
     def leave_ImportFrom(self, original: cst.ImportFrom, updated: cst.ImportFrom):
         level = len(updated.relative)
@@ -22,10 +77,19 @@ class ResolveRelativeImports(Pass):
             return updated
         rel = "." * level + (dotted(updated.module) or "")
         if self.ctx.package is None:
-            self.refuse(original, f"relative import `from {rel} import ...`",
-                        "the source is not inside an installed transformers package, so the import cannot be "
-                        "made absolute; write it as an absolute import")
-            return updated
+            names = {code(a.asname.name) if a.asname else code(a.name) for a in updated.names} \
+                if not isinstance(updated.names, cst.ImportStar) else {"*"}
+            if names & (self.uses.elsewhere | {"*"}):
+                self.refuse(original, f"relative import `from {rel} import ...`",
+                            "the source is not inside an installed transformers package and the names are used "
+                            "outside annotations, so the import cannot be made absolute; write it as an absolute "
+                            "import")
+                return updated
+            # a remote-code configuration class used only in annotations: annotate with PretrainedConfig
+            self.retyped |= names
+            self.note(original, f"`from {rel} import {', '.join(sorted(names))}` (annotations only) -> "
+                                "transformers.PretrainedConfig annotations")
+            return cst.RemoveFromParent()
         parts = self.ctx.package.split(".")
         if level - 1 >= len(parts):
             self.refuse(original, f"relative import `from {rel} import ...`", "goes above the transformers package")

@@ -44,3 +44,4 @@ def model_type_from_config(config: str) -> str:
     if "model_type" not in data:
         raise SourceError(f"--config {path}: has no model_type")
     return data["model_type"]
+
