@@ -72,6 +72,10 @@ def _attr(config, name: str):
 
 def _first_error(text: str) -> str:
     lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if "Traceback" in text:  # a crash: its exception line, not a frame
+        crash = [l for l in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", l)]
+        if crash:
+            return crash[-1][:200]
     for pat in (r"^refused ", r"^error", r"Error", r"FAIL", r"fail", r"✗"):
         hit = next((l for l in lines if re.search(pat, l)), None)
         if hit:
