@@ -65,20 +65,15 @@ def load_engine_model(engine_config: EngineConfig, model_path: str | Path, model
 
 
 class ModelRunner:
-    def __init__(self, *, engine_config: EngineConfig, model_path: str | Path | None = None,
-                 model_file: str | Path | None = None, model: nn.Module | None = None):
-        """Load the model from `model_path` (or take a constructed `model`, already on the device)."""
+    def __init__(self, *, engine_config: EngineConfig, model_path: str | Path, model_file: str | Path | None = None):
         self.config = engine_config
         self.device = torch.device(engine_config.device)
-        if model is None:
-            if model_path is None:
-                raise ValueError("ModelRunner needs model_path or model")
-            model = load_engine_model(engine_config, model_path, model_file)
-        self.model = model.eval()
+        self.model = load_engine_model(engine_config, model_path, model_file).eval()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         if not self.attn_layers:
-            raise ValueError(f"{type(model).__name__} has no porter Attention layers: the engine cannot cache its K/V")
-        self.dtype = next(self.model.parameters()).dtype
+            raise ValueError(f"{type(self.model).__name__} has no porter Attention layers: the engine cannot "
+                             "cache its K/V")
+        self.dtype = engine_config.dtype
         self.block_size = engine_config.block_size
         self.max_blocks_per_seq = -(-engine_config.max_model_len // self.block_size)
         self.num_kv_blocks = self._decide_num_blocks()
