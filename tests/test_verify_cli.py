@@ -91,3 +91,12 @@ def test_checkpoint_without_weights_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["verify", str(tmp_path)])
     assert result.exit_code == 2
     assert "no *.safetensors" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_file", [None, CUSTOM_ENGINE], ids=["converted", "hand-written"])
+def test_custom_model_bf16_on_cuda(model_file):
+    """The GPU path (Triton attention, CUDA graphs) against HF in bf16: vLLM's top-k rule and error ratio."""
+    report = verify(VerifyOptions(target=str(CUSTOM), model_file=model_file, dtype="bfloat16", device="cuda"))
+    assert report.passed, report.to_dict()
+    assert report.checks[0].metrics["error_ratio"] <= 1.2
