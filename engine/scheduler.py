@@ -6,6 +6,9 @@ oldest first, then waiting sequences in arrival order, admitted while their bloc
 hits count as already computed). Long prompts are prefilled in chunks across steps. When a running
 sequence needs a block and none is free, the newest running sequence is preempted by recompute: its
 blocks are freed and it returns to the front of the waiting queue with its generated tokens kept.
+Optionally (`admission_group` > 1, used with CUDA graphs, where a step with any prefill runs eagerly
+and costs many decode steps) a step that would be decode-only holds admissions until a group of
+seats is free, or until the head of the queue has been held `max_admission_hold` steps.
 A request that could never fit (prompt not shorter than max_model_len, or more blocks than the cache
 holds) fails alone at admission, so any admitted sequence can always finish once it runs by itself.
 """
@@ -46,9 +49,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: set[int] | frozenset = frozenset(),
+        admission_group: int = 1,
+        max_admission_hold: int = 16,
     ):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or admission_group < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and admission_group must be >= 1")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -56,6 +61,9 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.admission_group = admission_group
+        self.max_admission_hold = max_admission_hold
+        self._held_steps = 0
         self.num_preemptions = 0
 
     def has_unfinished(self) -> bool:
@@ -112,7 +120,8 @@ class Scheduler:
                 i += 1
 
         # no admissions in a step that had to preempt: the freed blocks go to the running sequences
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        hold = preempted or self._hold_admissions(counts)
+        while self.waiting and not hold and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not bm.can_allocate(seq):
                 break
@@ -128,6 +137,18 @@ class Scheduler:
         if not seqs and self.has_unfinished():
             raise RuntimeError("scheduler made no progress (no sequence could be scheduled): this is a bug")
         return ScheduledBatch(seqs, counts)
+
+    def _hold_admissions(self, counts: list[int]) -> bool:
+        """Keep a decode-only step decode-only until enough seats are free for a group of prefills."""
+        if self.admission_group == 1 or not self.waiting or not counts or any(n > 1 for n in counts):
+            self._held_steps = 0
+            return False
+        want = min(len(self.waiting), self.admission_group)
+        if self.max_num_seqs - len(self.running) >= want or self._held_steps >= self.max_admission_hold:
+            self._held_steps = 0
+            return False
+        self._held_steps += 1
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -172,3 +172,35 @@ def test_prefix_cache_hit_skips_computed_tokens():
     assert second.num_cached_tokens == 8
     assert record[0] == [(1, 2, True)]  # only the two uncached prompt tokens are computed
     assert out == [expected(shared + [12, 13], 2)]
+
+
+def test_admission_groups_keep_decode_steps_decode_only():
+    sched = make(max_num_seqs=8, num_blocks=256)
+    sched.admission_group, sched.max_admission_hold = 4, 1000
+    ps = prompts(20)
+    # staggered lengths: running sequences finish one by one
+    seqs = [Sequence(i, p, SamplingParams(temperature=0, max_tokens=3 + (5 * i) % 17)) for i, p in enumerate(ps)]
+    record = []
+    outs = drive(sched, seqs, record)
+    assert outs == [expected(p, s.params.max_tokens) for p, s in zip(ps, seqs)]
+    seen = set()
+    for step in record:
+        new = [seq_id for seq_id, _, _ in step if seq_id not in seen]
+        seen.update(new)
+        # after the first step, prefills join only in groups (the tail of the queue may be smaller)
+        if new and len(seen) > 8:
+            assert len(new) >= min(4, 20 - (len(seen) - len(new)))
+    mixed = sum(1 for step in record if any(n > 1 for _, n, _ in step))
+    assert mixed <= 1 + (20 - 8 + 3) // 4
+
+
+def test_held_admissions_are_bounded():
+    sched = make(max_num_seqs=4, num_blocks=256)
+    sched.admission_group, sched.max_admission_hold = 4, 3
+    seqs = [Sequence(i, [5, 6, 7], SamplingParams(max_tokens=40 if i < 3 else 2)) for i in range(6)]
+    record = []
+    drive(sched, seqs, record)
+    # seq 3 finishes early, one seat frees: seq 4 joins after at most 3 held steps, not when 4 seats free
+    first_step_of_4 = next(i for i, step in enumerate(record) if any(s == 4 for s, _, _ in step))
+    finish_of_3 = max(i for i, step in enumerate(record) if any(s == 3 for s, _, _ in step))
+    assert first_step_of_4 - finish_of_3 <= 4
