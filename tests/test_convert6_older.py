@@ -17,13 +17,23 @@ from porter.convert.report import Report
 
 from convert6_helpers import convert as _convert, verify_tiny as _verify
 
-OLDER = ["gpt2"]
+OLDER = ["gpt2", "gpt_bigcode"]  # gpt_bigcode: multi-query attention, fused c_attn
 
 
 @pytest.mark.parametrize("model_type", OLDER)
 def test_older_model_matches_hf(model_type, tmp_path):
     result, out = _convert(model_type, tmp_path)
     _verify(model_type, out)
+
+
+def test_gpt_bigcode_per_head_fused_qkv(tmp_path):
+    """multi_query=False: c_attn output viewed [.., heads, 3 * head_dim] and split per head."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gpt_bigcode", multi_query=False).save_pretrained(tmp_path / "cfg")
+    result, out = _convert("gpt_bigcode", tmp_path)
+    assert "num_kv_heads=self.kv_heads" in result.code
+    _verify(str(tmp_path / "cfg"), out)
 
 
 def test_gpt2_conversion_steps_are_reported(tmp_path):
@@ -68,6 +78,19 @@ class A(nn.Module):
     assert "split(self.split_size, dim=-1)" in code
     assert "out.reshape(*hidden_states.shape[:-1], -1)" in code
     assert "*lead_shape, h = hidden_states.shape" in code and "out.view(*lead_shape, h)" in code
+
+
+def test_four_d_head_splits_use_the_last_dim():
+    module, ctx = _ctx('''
+class A(nn.Module):
+    def forward(self, hidden_states):
+        q, k, v = self.c_attn(hidden_states).unsqueeze(1).split((a, b, b), dim=3)
+        q2, k2, v2 = self.c_attn(hidden_states).view(*hidden_states.shape[:2], h, 3 * d).split(3 * [d], dim=3)
+        return q
+''')
+    code = normalise_shapes(module, ctx).code
+    assert "self.c_attn(hidden_states).split((a, b, b), dim=-1)" in code
+    assert ".view(*hidden_states.shape[:-1], h, 3 * d).split(3 * [d], dim=-1)" in code
 
 
 def test_shape_unpack_used_otherwise_is_left_alone():

@@ -92,10 +92,48 @@ class _LastDim(cst.CSTTransformer):
         self.inputs.pop()
         return updated
 
+    def _four_d(self, node) -> str | None:
+        """The receiver of a split is 4-D [batch, (1|seq), ., .] built from a projection output: returns how."""
+        while isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute):
+            attr, inner = node.func.attr.value, node.func.value
+            if attr == "unsqueeze" and [code(a.value) for a in node.args] == ["1"] and \
+                    isinstance(inner, cst.Call) and self_call_attr(inner):
+                return "unsqueeze"
+            if attr in ("view", "reshape") and len(node.args) == 3 and node.args[0].star == "*" and \
+                    code(node.args[0].value).endswith(".shape[:2]"):
+                return "view"
+            node = inner
+        return None
+
     def leave_Call(self, original: cst.Call, updated: cst.Call):
         f = updated.func
         if not isinstance(f, cst.Attribute):
             return updated
+        # `.view(*x.shape[:2], heads, d)` of the input's [batch, seq] -> its leading dims
+        if f.attr.value in ("view", "reshape") and len(updated.args) == 3 and updated.args[0].star == "*" and \
+                self.inputs and self.inputs[-1] and code(updated.args[0].value) == f"{self.inputs[-1]}.shape[:2]":
+            args = list(updated.args)
+            args[0] = args[0].with_changes(value=cst.parse_expression(f"{self.inputs[-1]}.shape[:-1]"))
+            self.ctx.report.change("shapes", self.ctx.lines.of(original),
+                                   f"`*{self.inputs[-1]}.shape[:2]` -> `*{self.inputs[-1]}.shape[:-1]` (leading dims)")
+            return updated.with_changes(args=args)
+        # split(..., dim=3) of a 4-D head layout -> the last dim; `x.unsqueeze(1)` (a broadcast head dim,
+        # multi-query) is not needed on flat tokens: the engine takes [T, heads * head_dim]
+        if f.attr.value in ("split", "chunk"):
+            how = self._four_d(original.func.value)
+            dim = next((i for i, a in enumerate(updated.args) if (a.keyword is not None and a.keyword.value == "dim"
+                        or a.keyword is None and i == 1) and code(a.value) == "3"), None)
+            if how is not None and dim is not None:
+                args = list(updated.args)
+                args[dim] = args[dim].with_changes(value=cst.parse_expression("-1"))
+                base = f.value
+                if how == "unsqueeze" and isinstance(base, cst.Call) and base.func.attr.value == "unsqueeze":
+                    base = base.func.value
+                new = updated.with_changes(func=f.with_changes(value=base), args=args)
+                self.ctx.report.change("shapes", self.ctx.lines.of(original),
+                                       f"`...{code(f)[-40:]}(..., dim=3)` of a 4-D head layout -> dim=-1"
+                                       + (" without the broadcast head dim" if how == "unsqueeze" else ""))
+                return new
         if f.attr.value in ("split", "chunk") and isinstance(f.value, cst.Call) and self_call_attr(f.value):
             args = list(updated.args)
             for i, a in enumerate(args):

@@ -18,6 +18,7 @@ from porter.convert.imports import ResolveRelativeImports
 from porter.convert.layout import tidy_layout
 from porter.convert.normalise_constants import normalise_constants, propagate_constants
 from porter.convert.normalise_conv1d import normalise_conv1d
+from porter.convert.normalise_heads import normalise_kv_heads
 from porter.convert.normalise_inputs import normalise_inputs
 from porter.convert.normalise_moe import normalise_moe
 from porter.convert.normalise_shapes import normalise_shapes
@@ -100,6 +101,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     step("specialise", _prune)
     step("flatten", lambda m: m.visit(FlattenForward(ctx)).visit(BatchOfOneHelpers(ctx)))
     step("parallel", lambda m: m.visit(ParallelLinears(ctx)))
+    step("heads", lambda m: normalise_kv_heads(m, ctx))
     step("attention", lambda m: m.visit(AttentionCall(ctx)))
     step("specialise", _prune)
     step("prefix", lambda m: m.visit(ThreadPrefix(ctx)))
