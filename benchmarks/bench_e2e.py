@@ -117,7 +117,16 @@ def bench_hf_static(ckpt: Path, prompts, olens) -> dict:
 def bench_hf_continuous(ckpt: Path, prompts, olens) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="sdpa_paged").cuda().eval()
+    model = None
+    for impl in ("paged|sdpa", "sdpa_paged", "paged|eager"):  # the name changed across transformers 5.x
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation=impl)
+            break
+        except ValueError:
+            continue
+    if model is None:
+        raise RuntimeError("no paged attention implementation in this transformers")
+    model = model.cuda().eval()
     cfg = GenerationConfig(do_sample=False, max_new_tokens=max(olens), eos_token_id=-1, pad_token_id=0)
     model.generate_batch(prompts[:2], generation_config=cfg, max_new_tokens=4)  # warm-up
     manager = model.init_continuous_batching(generation_config=cfg)
