@@ -37,8 +37,11 @@ def hf_modeling_file(ckpt: Path, hf_config: PretrainedConfig) -> Path:
         if not path.is_file():
             raise VerifyInputError(f"config.json auto_map names {ref} but {path} does not exist")
         return path
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
     model_type = hf_config.model_type
-    spec = importlib.util.find_spec(f"transformers.models.{model_type.replace('-', '_')}.modeling_{model_type.replace('-', '_')}")
+    module = model_type_to_module_name(model_type)  # e.g. "kosmos-2" lives in transformers.models.kosmos2
+    spec = importlib.util.find_spec(f"transformers.models.{module}.modeling_{module}")
     if spec is None or spec.origin is None:
         raise VerifyInputError(f"transformers has no modeling file for model type {model_type!r}")
     return Path(spec.origin)
