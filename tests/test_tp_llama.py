@@ -188,3 +188,24 @@ def test_porter_run_tp2_streams_the_tp1_completion():
     bad = cli.invoke(app, [*args, "--tp", "4"])
     assert bad.exit_code == 1
     assert "cannot be split over tensor_parallel_size=4" in bad.output and "num_attention_heads=6" in bad.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL, one per rank)")
+def test_tp2_bf16_on_two_gpus_is_close_to_tp1():
+    """vLLM's check_logprobs_close rule: tokens equal until the first divergence, where each side's
+    token is in the other's top-5. TP=2 first, so this process has no CUDA context yet."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 750, (int(n),), generator=g).tolist() for n in torch.randint(5, 60, (8,), generator=g)]
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=5, ignore_eos=True)
+    outs = {}
+    for tp in (2, 1):
+        llm = LLM(FIXTURE, tensor_parallel_size=tp, device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
+                  max_model_len=128)
+        outs[tp] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+        if tp == 2:
+            llm.runner.shutdown()
+    for (ids1, lps1), (ids2, lps2) in zip(outs[1], outs[2]):
+        d = next((i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b), None)
+        if d is not None:
+            assert ids1[d] in lps2[d] and ids2[d] in lps1[d], f"step {d}: {ids1[d]} vs {ids2[d]}"
