@@ -45,6 +45,10 @@ def register(app: typer.Typer) -> None:
                 err.print(f"[red]refused[/red] {escape(f'{path.name}:{r.line or chr(63)}')}: "
                           f"{escape(r.construct)}: {escape(r.why)}")
             raise typer.Exit(1)
+        except Exception as e:  # a converter bug: still one clear line and a failing exit code
+            err.print(f"[red]error:[/red] porter convert failed on {escape(str(path))}: "
+                      f"{type(e).__name__}: {escape(str(e).splitlines()[0] if str(e) else '')} (a converter bug)")
+            raise typer.Exit(1)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(result.code)
         if report is not None:

@@ -147,11 +147,15 @@ class CausalLMHead(Pass):
             name=cls.name.value, cfg=cfg, base_attr=base_attr, base_cls=self.ctx.roles.base,
             vocab=code(vocab), hidden=code(hidden), bias=code(bias) if bias is not None else "True",
             tied=tied, embed_attr=self.embed_attr, post=[l for s in post for l in code(s).rstrip().splitlines()],
-            carried=carried, packed=packed, stacked=stacked,
+            carried=carried, packed=packed, stacked=stacked, head_attr=head_attr,
             renames=[(s.replace('"', '\\"'), d) for s, d in renames], experts=experts,
             transposed=self.ctx.transposed_keys,
         )
-        new = cst.parse_statement(text).with_changes(leading_lines=cls.leading_lines)
+        try:
+            new = cst.parse_statement(text).with_changes(leading_lines=cls.leading_lines)
+        except cst.ParserSyntaxError as e:
+            self.refuse(cls, f"causal LM `{cls.name.value}`", f"the rendered class does not parse ({e.message})")
+            return cls
         self.note(cls, f"{cls.name.value}: rendered from causal_lm.py.j2 (ParallelLMHead{', tied' if tied else ''}, "
                        f"LogitsProcessor, load_weights with {len(stacked)} stacked entries"
                        f"{', ' + str(len(renames)) + ' checkpoint renames' if renames else ''})")
@@ -170,8 +174,15 @@ class CausalLMHead(Pass):
         head_target = None
         if isinstance(head_stmt, cst.SimpleStatementLine) and isinstance(head_stmt.body[0], cst.Assign):
             head_target = code(head_stmt.body[0].targets[0].target)
-        if head_target != "logits":
-            self.refuse(head_stmt, f"`{code(head_stmt).strip()}`", "expected `logits = self.<head>(hidden_states)`")
+        head_call = head_stmt.body[0].value if head_target else None
+        head_input = head_call.args[0].value if isinstance(head_call, cst.Call) and \
+            self_call_attr(head_call) == head_attr and len(head_call.args) == 1 else None
+        while isinstance(head_input, cst.Subscript):  # hidden_states[:, slice_indices, :]
+            head_input = head_input.value
+        if head_target != "logits" or not isinstance(head_input, cst.Name):
+            self.refuse(head_stmt, f"`{code(head_stmt).strip()}`",
+                        f"expected `logits = self.{head_attr}(hidden_states)`; other processing around the LM head "
+                        "is not understood")
             return []
         for s in stmts[:idx]:
             text = code(s)
