@@ -1,5 +1,6 @@
 """porter convert on older-style files: GPT-2's Conv1D (transposed weights), fused c_attn split on the
-last dim, eager-only attention branches, cross-attention branches, batch-shaped base-model input code.
+last dim, eager-only attention branches, cross-attention branches, batch-shaped base-model input code,
+multi-query attention, a pass-through base-model wrapper, learned position embeddings.
 
 End to end per model type, as in test_convert6_moe: convert, tiny random checkpoint, porter verify's
 prefill logits, greedy tokens over 12 new tokens for 4 prompts and logprobs within 2e-3 (fp32, CPU).
@@ -12,12 +13,18 @@ import pytest
 from porter.convert.context import Context, SourceLines
 from porter.convert.normalise_constants import normalise_constants
 from porter.convert.normalise_conv1d import normalise_conv1d
+from porter.convert.normalise_positions import positions_given
 from porter.convert.normalise_shapes import normalise_shapes
+from porter.convert.normalise_wrapper import normalise_wrapper
 from porter.convert.report import Report
 
 from convert6_helpers import convert as _convert, verify_tiny as _verify
 
-OLDER = ["gpt2", "gpt_bigcode"]  # gpt_bigcode: multi-query attention, fused c_attn
+OLDER = [
+    "gpt2",
+    "gpt_bigcode",  # multi-query attention, fused c_attn
+    "opt",  # nested base model, learned positions with an offset, [bsz, tgt_len] shape code
+]
 
 
 @pytest.mark.parametrize("model_type", OLDER)
@@ -123,3 +130,45 @@ class Attn(nn.Module):
     code = normalise_constants(module, ctx).code
     assert "q_attn" not in code and "self.cross" not in code and "using_eager" not in code
     assert "out = fast(x)" in code and "_slow" not in code
+
+
+def test_default_fill_local_folds():
+    """`m = None; if m is None: m = ...` (OPT's position mask): the test folds, the fill is then dead."""
+    module, ctx = _ctx('''
+def forward(self, x, position_ids):
+    m = None
+    if m is None:
+        m = torch.ones(3)
+    if position_ids is None:
+        position_ids = torch.cumsum(m, dim=1)
+    return self.emb(m, position_ids=position_ids)
+''')
+    code = normalise_constants(positions_given(module, ctx), ctx).code
+    assert "if m is None" not in code and "m = torch.ones(3)" in code
+    assert "cumsum" not in code  # positions are always given
+
+
+def test_pass_through_wrapper_collapses_with_a_checkpoint_rename():
+    module, ctx = _ctx('''
+class Decoder(nn.Module):
+    def __init__(self, config):
+        self.layers = nn.ModuleList([Layer(config) for _ in range(2)])
+
+class Model(nn.Module):
+    def __init__(self, config):
+        self.decoder = Decoder(config)
+
+    def forward(self, x):
+        return self.decoder(x)
+
+class ForCausalLM(nn.Module):
+    def __init__(self, config):
+        self.model = Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, x):
+        return self.lm_head(self.model.decoder(x))
+''')
+    code = normalise_wrapper(module, ctx).code
+    assert "self.model = Decoder(config)" in code and "self.lm_head(self.model(x))" in code
+    assert ctx.checkpoint_renames == [(r"^model\.decoder\.", "model.")]

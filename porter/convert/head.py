@@ -138,6 +138,7 @@ class CausalLMHead(Pass):
                     packed[f.fused] = f.members
                     stacked += [(f.fused, m, repr(s).replace("'", '"')) for m, s in zip(f.members, f.shard_ids)]
         renames, other = checkpoint_renames(cls.name.value, self.ctx.model_type)
+        renames = [*self.ctx.checkpoint_renames, *renames]  # normalisations' renames apply first
         experts = expert_params_mapping(self.ctx.moe_experts, [cls.name.value, self.ctx.model_type], other)
         if other:
             self.refuse(cls, f"checkpoint conversion {', '.join(sorted(set(other)))}",

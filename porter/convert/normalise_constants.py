@@ -138,29 +138,45 @@ class _Substitute(cst.CSTTransformer):
 
 
 class _PropagateLocals(Pass):
+    """Flow-sensitive at the top level of a function body: after `name = <literal>`, reads of `name` in
+    the following statements become the literal, up to the first statement that rebinds it (of which
+    only an `if` test is still substituted: `x = None; if x is None: x = ...` is the default-fill
+    idiom). The assignment goes when nothing rebinds the name."""
+
     name = "constants"
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
-        b = _Bindings()
-        updated.visit(b)
-        values: dict[str, str] = {}
-        drop = []
-        for stmt in updated.body.body:
-            if isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and \
-                    isinstance(stmt.body[0], cst.Assign) and len(stmt.body[0].targets) == 1:
-                t, v = stmt.body[0].targets[0].target, stmt.body[0].value
-                if isinstance(t, cst.Name) and _literal(v) is not None and b.count[t.value] == 1:
-                    values[t.value] = _literal(v)
-                    drop.append(stmt)
-        if not values:
+        body = list(updated.body.body)
+        changed = False
+        i = 0
+        while i < len(body):
+            stmt = body[i]
+            i += 1
+            if not (isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1 and
+                    isinstance(stmt.body[0], cst.Assign) and len(stmt.body[0].targets) == 1):
+                continue
+            t, v = stmt.body[0].targets[0].target, stmt.body[0].value
+            if not (isinstance(t, cst.Name) and _literal(v) is not None):
+                continue
+            name, value = t.value, _literal(v)
+            rebound = False
+            for j in range(i, len(body)):
+                b = _Bindings()
+                body[j].visit(b)
+                if b.count[name]:
+                    rebound = True
+                    if isinstance(body[j], cst.If):
+                        body[j] = body[j].with_changes(test=body[j].test.visit(_Substitute({name: value})))
+                    break
+                body[j] = body[j].visit(_Substitute({name: value}))
+            self.note(stmt, f"local `{name}` is {value} here: substituted into the reads that follow")
+            changed = True
+            if not rebound:
+                body.remove(stmt)
+                i -= 1
+        if not changed:
             return updated
-        for stmt in drop:
-            name = stmt.body[0].targets[0].target.value
-            self.ctx.report.change("constants", self.ctx.lines.of(stmt),
-                                   f"local `{name}` is always {values[name]}: substituted into its reads")
-        body = [s for s in updated.body.body if not any(s is d for d in drop)]
-        fn = updated.with_changes(body=updated.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
-        return fn.with_changes(body=fn.body.visit(_Substitute(values)))
+        return updated.with_changes(body=updated.body.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])]))
 
 
 class _Fold(Pass):

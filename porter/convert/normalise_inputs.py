@@ -8,6 +8,8 @@
   (a PreTrainedModel helper such as a padding warning; the base class is gone) is dropped, and so is
   `input_ids = input_ids.view(-1, shape[-1])`, which folds a batch of ids to [batch, seq] (a no-op
   for HF's 2-D ids; on the engine's flat [T] ids it would add a batch dim).
+- In the causal LM, `.contiguous()` (a memory-layout call, value-preserving) is dropped, so the LM head
+  reads as `logits = self.lm_head(hidden_states)`.
 """
 from __future__ import annotations
 
@@ -64,6 +66,13 @@ class _Inputs(Pass):
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
         self.fn = node
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call):
+        if getattr(self, "cls", None) == self.ctx.roles.causal_lm and not updated.args and \
+                isinstance(updated.func, cst.Attribute) and updated.func.attr.value == "contiguous":
+            self.note(original, f"dropped `.contiguous()` of `{code(updated.func.value)[:50]}` (layout only)")
+            return updated.func.value
+        return updated
 
     def leave_SimpleStatementLine(self, original, updated):
         fn = getattr(self, "fn", None)

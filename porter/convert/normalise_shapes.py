@@ -3,9 +3,11 @@
     batch_size, sequence_length, hidden_dim = x.shape        ->  *lead_shape, hidden_dim = x.shape
     y.reshape(batch_size, sequence_length, hidden_dim)       ->  y.reshape(*lead_shape, hidden_dim)
 
+    q.view(batch_size, -1, heads, head_dim)                  ->  q.view(*lead_shape[:-1], -1, heads, head_dim)
+
 Only when the batch and sequence names are read nowhere else than as that consecutive pair of
-`view`/`reshape` arguments: then the code means "restore the leading dims", which is `(T,)` on the
-engine's flat tokens. Any other use (`bsz * q_len`, a loop bound) is left for the flatten pass to refuse.
+`view`/`reshape` arguments (or the batch name alone before a -1): then the code means "restore the
+leading dims", which is `(T,)` on the engine's flat tokens. Any other use (`bsz * q_len`, a loop bound) is left for the flatten pass to refuse.
 Also the last-dim idioms of `_LastDim`.
 """
 from __future__ import annotations
@@ -33,21 +35,23 @@ def _unpack(stmt: cst.CSTNode) -> tuple[str, str, str] | None:
     return names[0], names[1], names[2]
 
 
-def _pair_calls(fn: cst.FunctionDef, b: str, s: str) -> int:
-    """How many view/reshape calls pass `b, s` as consecutive positional arguments."""
-    count = 0
+def _pair_calls(fn: cst.FunctionDef, b: str, s: str) -> tuple[int, int]:
+    """How many view/reshape calls pass `b, s` as consecutive positional arguments, and `b, -1`."""
+    pairs = lone = 0
 
     class V(cst.CSTVisitor):
         def visit_Call(self, n: cst.Call):
-            nonlocal count
+            nonlocal pairs, lone
             if isinstance(n.func, cst.Attribute) and n.func.attr.value in ("view", "reshape"):
                 vals = [code(a.value) for a in n.args]
                 for i in range(len(vals) - 1):
                     if vals[i] == b and vals[i + 1] == s:
-                        count += 1
+                        pairs += 1
+                    elif vals[i] == b and vals[i + 1] == "-1":
+                        lone += 1
 
     fn.visit(V())
-    return count
+    return pairs, lone
 
 
 class _Rewrite(cst.CSTTransformer):
@@ -71,6 +75,9 @@ class _Rewrite(cst.CSTTransformer):
             if code(args[i].value) == self.b and code(args[i + 1].value) == self.s:
                 star = cst.Arg(cst.Name(_LEAD), star="*", comma=args[i + 1].comma)
                 return updated.with_changes(args=[*args[:i], star, *args[i + 2:]])
+            if code(args[i].value) == self.b and code(args[i + 1].value) == "-1":
+                star = cst.Arg(cst.parse_expression(f"{_LEAD}[:-1]"), star="*", comma=args[i].comma)
+                return updated.with_changes(args=[*args[:i], star, *args[i + 1:]])
         return updated
 
 
@@ -165,9 +172,9 @@ class _Functions(cst.CSTTransformer):
                 continue
             b, s, _ = got
             used = loads(updated)
-            pairs = _pair_calls(updated, b, s)
-            # each name is read once per pair call (the unpacking itself is a store, not a read)
-            if pairs == 0 or used[b] != pairs or used[s] != pairs or _LEAD in used:
+            pairs, lone = _pair_calls(updated, b, s)
+            # each name is read once per call (the unpacking itself is a store, not a read)
+            if pairs + lone == 0 or used[b] != pairs + lone or used[s] != pairs or _LEAD in used:
                 continue
             line = self.ctx.lines.of(stmt)
             updated = updated.visit(_Rewrite(b, s, stmt))

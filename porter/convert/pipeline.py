@@ -21,7 +21,9 @@ from porter.convert.normalise_conv1d import normalise_conv1d
 from porter.convert.normalise_heads import normalise_kv_heads
 from porter.convert.normalise_inputs import normalise_inputs
 from porter.convert.normalise_moe import normalise_moe
+from porter.convert.normalise_positions import positions_given, unused_embedding_inputs
 from porter.convert.normalise_shapes import normalise_shapes
+from porter.convert.normalise_wrapper import normalise_wrapper
 from porter.convert.parallel import ParallelLinears
 from porter.convert.plumbing import DropPlumbing
 from porter.convert.prefix import ThreadPrefix
@@ -80,11 +82,13 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     step("shapes", lambda m: normalise_shapes(m, ctx))
     step("moe", lambda m: normalise_moe(m, ctx))
     step("conv1d", lambda m: normalise_conv1d(m, ctx))
+    step("wrapper", lambda m: normalise_wrapper(m, ctx))
     # the normalisations rebuild the tree: index lines on the code the passes see (the source itself
     # unless a normalisation rewrote something)
     ctx.lines = SourceLines(module)
     step("analyse", lambda m: (analyse(m, ctx), m)[1])
-    step("constants", lambda m: normalise_constants(m, ctx))
+    step("constants", lambda m: normalise_constants(positions_given(m, ctx), ctx))
+    step("positions", lambda m: unused_embedding_inputs(m, ctx))
     step("inputs", lambda m: normalise_inputs(m, ctx))
     step("imports", lambda m: m.visit(ResolveRelativeImports(ctx)))
     step("plumbing", lambda m: m.visit(DropPlumbing(ctx)))
