@@ -136,3 +136,8 @@ def expert_params_mapping(moe_experts: dict[str, str], keys: list[str | None], o
         parts.append(f'[(".experts.w13_weight", ".experts.{gate_up}", None, "w13"), '
                      f'(".experts.w2_weight", ".experts.{down}", None, "w2")]')
     return " + ".join(parts)
+
+
+def mapping_alias(model_type: str | None) -> str | None:
+    """The model type whose conversion mapping `model_type` shares (`_MODEL_TO_CONVERSION_PATTERN`)."""
+    return _converters()[1].get(model_type) if model_type else None

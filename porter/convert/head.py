@@ -28,7 +28,7 @@ from porter.convert.cst_util import (
     self_attr,
     self_call_attr,
 )
-from porter.convert.expert_weights import expert_params_mapping
+from porter.convert.expert_weights import expert_params_mapping, mapping_alias
 
 # checkpoint keys that are derived buffers, never parameters
 DERIVED_KEYS = [r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$"]
@@ -80,7 +80,7 @@ def checkpoint_renames(class_name: str, model_type: str | None) -> tuple[list[tu
     """transformers' own on-disk -> module key renames for this class (conversion_mapping.py, looked up
     by class name, then model type); returns (renames, kinds of conversions that are more than renames)."""
     table = _conversion_table()
-    for key in (class_name, model_type):
+    for key in (class_name, model_type, mapping_alias(model_type)):  # alias: a shared mapping
         if key and table.get(key):
             renames = [pair for _, pair in table[key] if pair is not None]
             return renames, [kind for kind, pair in table[key] if pair is None]
