@@ -2,7 +2,12 @@
 
 Math follows HF: the residual add happens in the input dtype (as HF's `residual + hidden_states`),
 the normalisation in fp32. `unit_offset=True` is the Gemma form: weight stored as w, applied as
-(1 + w) in fp32 before the cast (weights initialise to zero then)."""
+(1 + w) in fp32 before the cast (weights initialise to zero then).
+
+On CUDA tensors the weighted, non-offset form runs porter's Triton kernel (one launch instead of ~6
+torch ops); the torch code below stays the reference and the CPU path. The Gemma offset form keeps the
+torch path (the kernel rounds the normalised value before the weight, not the offset form's
+numerics), as does the weightless form (no weight tensor to hand the kernel)."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +15,21 @@ from torch import nn
 
 from porter.engine.layers.linear import make_param
 from porter.engine.weight_utils import default_weight_loader
+
+# None: the Triton kernel for CUDA tensors, torch otherwise. Tests set True (kernel on CPU tensors,
+# under TRITON_INTERPRET=1) or False (torch everywhere).
+USE_KERNEL: bool | None = None
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ops = None
+
+
+def _kernel_ops():
+    """porter.kernels.rmsnorm, imported on first use so the CPU path never needs triton."""
+    global _ops
+    if _ops is None:
+        from porter.kernels import rmsnorm
+        _ops = rmsnorm
+    return _ops
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +54,23 @@ class RMSNorm(nn.Module):
             return (h * (1.0 + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
 
+    def _use_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        on = x.is_cuda if USE_KERNEL is None else USE_KERNEL
+        if not on or self.weight is None or self.unit_offset or x.dtype not in _KERNEL_DTYPES:
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False  # the kernel has no backward
+        # the kernel adds same-shape, same-dtype residuals only (torch broadcasts and promotes)
+        return residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self._use_kernel(x, residual):
+            ops = _kernel_ops()
+            x = x if x.stride(-1) == 1 else x.contiguous()  # 3-D per-head views reshape to rows inside
+            if residual is None:
+                return ops.rms_norm(x, self.weight, self.eps)
+            residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+            return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -7,6 +7,11 @@ scaled variants match HF exactly. Static-cache notes (a cos/sin row per position
 - "longrope" uses the short factors for positions < original_max_position_embeddings and the long
   factors beyond (per position, as vLLM does); HF switches all positions of a sequence to the long
   factors once the sequence is longer than that, so such long sequences differ from HF.
+
+On CUDA tensors forward runs porter's fused Triton kernel over the same cos/sin cache, rotating q and
+k IN PLACE wherever they are [T, heads*head_size] rows with a unit last stride (e.g. slices of a fused
+qkv), else on contiguous copies: callers use the returned tensors and must not count on their inputs
+staying unrotated. The torch path (CPU, and the reference) returns new tensors.
 """
 from __future__ import annotations
 
@@ -16,6 +21,29 @@ from torch import nn
 from porter.engine.config import get_current_engine_config
 
 _cache: dict[tuple, "RotaryEmbedding"] = {}
+
+# None: the Triton kernel for CUDA tensors, torch otherwise. Tests set True (kernel on CPU tensors,
+# under TRITON_INTERPRET=1) or False (torch everywhere).
+USE_KERNEL: bool | None = None
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ops = None
+
+
+def _kernel_ops():
+    """porter.kernels.rotary, imported on first use so the CPU path never needs triton."""
+    global _ops
+    if _ops is None:
+        from porter.kernels import rotary
+        _ops = rotary
+    return _ops
+
+
+def _rows(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """x as [T, heads*head_size] rows with a unit last stride: a view where possible, else a copy."""
+    if x.shape[0] != num_tokens:
+        raise ValueError(f"rotary: {tuple(x.shape)} has {x.shape[0]} tokens but positions has {num_tokens}")
+    rows = x.reshape(num_tokens, -1)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
@@ -91,9 +119,28 @@ class RotaryEmbedding(nn.Module):
             out = torch.cat([out, rest], dim=-1)
         return out.reshape(shape)
 
+    def _use_kernel(self, query: torch.Tensor, key: torch.Tensor | None) -> bool:
+        on = query.is_cuda if USE_KERNEL is None else USE_KERNEL
+        tensors = (query,) if key is None else (query, key)
+        if not on or any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # no backward
+
+    def _forward_kernel(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None):
+        t = positions.numel()
+        if t == 0:  # nothing to rotate (and [0, -1] cannot be reshaped)
+            return query, key
+        q = _rows(query, t)
+        k = _rows(key, t) if key is not None else q[:, :0]  # no key heads: nothing to rotate
+        _kernel_ops().apply_rotary(positions.contiguous(), q, k, self.cos_sin_cache, self.head_size,
+                                   self.is_neox_style)
+        return q.view(query.shape), (None if key is None else k.view(key.shape))
+
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         positions = positions.flatten()
         self._ensure(positions)
+        if self._use_kernel(query, key):
+            return self._forward_kernel(positions, query, key)
         cos_sin = self.cos_sin_cache.index_select(0, positions.to(self.cos_sin_cache.device))
         cos, sin = cos_sin.to(query.dtype)[:, None, :].chunk(2, dim=-1)  # [T, 1, rotary_dim/2]
         query = self._rotate(query, cos, sin)
