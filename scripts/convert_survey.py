@@ -83,6 +83,14 @@ def _first_error(text: str) -> str:
     return (lines[-1] if lines else "no output")[:200]
 
 
+def _first_failed_check(report: Path) -> str | None:
+    if not report.is_file():
+        return None
+    checks = json.loads(report.read_text()).get("checks", [])
+    bad = next((c for c in checks if not c.get("passed")), None)
+    return f"{bad['name']}: {bad.get('detail', '')}"[:200] if bad else None
+
+
 def run_one(model_type: str, work: Path, timeout: int) -> dict:
     out = work / f"{model_type.replace('-', '_')}_engine.py"
     row = {"model_type": model_type, "convert": False, "verify": False, "error": "", "seconds": 0.0}
@@ -98,12 +106,13 @@ def run_one(model_type: str, work: Path, timeout: int) -> dict:
         row["seconds"] = time.perf_counter() - t0
         return row
     row["convert"] = True
+    report = out.with_suffix(".verify.json")
     try:
-        p = subprocess.run(["porter", "verify", model_type, "--tiny", "--model-file", str(out), "--max-tokens", "12"],
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(["porter", "verify", model_type, "--tiny", "--model-file", str(out), "--max-tokens", "12",
+                            "--json", str(report)], capture_output=True, text=True, timeout=timeout)
         row["verify"] = p.returncode == 0
         if not row["verify"]:
-            row["error"] = _first_error(p.stdout + p.stderr)
+            row["error"] = _first_failed_check(report) or _first_error(p.stdout + p.stderr)
     except subprocess.TimeoutExpired:
         row["error"] = f"verify timed out after {timeout} s"
     row["seconds"] = time.perf_counter() - t0
