@@ -185,6 +185,7 @@ def test_cpu_path_never_imports_kernels():
 # ---- GPU: default dispatch (kernels) against the torch path, bf16, Qwen3-0.6B shapes ----
 
 BF16 = dict(atol=2e-2, rtol=2e-2)
+ROPE_BF16 = dict(atol=3e-2, rtol=2e-2)  # the torch path rounds each product to bf16, the kernel only once
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 1024, 16, 8, 128, 3072
 
 
@@ -227,8 +228,8 @@ def test_gpu_rotary_matches_torch(monkeypatch, kernel_calls, neox, partial):
 
     with torch.inference_mode():
         (gq, gk), (rq, rk) = _both_paths(monkeypatch, run, force=None)
-    torch.testing.assert_close(gq, rq, **BF16)
-    torch.testing.assert_close(gk, rk, **BF16)
+    torch.testing.assert_close(gq, rq, **ROPE_BF16)
+    torch.testing.assert_close(gk, rk, **ROPE_BF16)
     assert kernel_calls == {"apply_rotary": 1}
 
 
