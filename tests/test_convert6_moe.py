@@ -125,3 +125,25 @@ class Moe(nn.Module):
 '''
     with pytest.raises(ConversionError, match="mixture-of-experts block `Moe`"):
         convert_source(src, "moe.py")
+
+
+def test_gate_in_a_helper_method_with_casts_and_a_functional_activation():
+    src = EXPERTS.format(gate_up_shape="2 * self.inter, config.hidden_size", extra="")
+    src = src.replace("            g, u = nn.functional.linear(hidden_states[tok], self.gate_up[e]).chunk(2, dim=-1)\n"
+                      "            h = nn.functional.linear(self.act_fn(g) * u, self.down[e])\n",
+                      "            h = nn.functional.linear(self._gate(nn.functional.linear(hidden_states[tok], self.gate_up[e])), "
+                      "self.down[e])\n")
+    src = src.replace("        self.act_fn = ACT2FN[config.act]\n", "        self.act_fn = F.silu\n")
+    src = src.replace("class Block(", "    def _gate(self, gate_up):\n        g, u = gate_up.chunk(2, dim=-1)\n"
+                      "        return (self.act_fn(g.float()) * u.float()).to(g.dtype)\n\n\nclass Block(")
+    code, _ = _normalise(src)
+    assert 'activation="silu")' in code
+
+
+def test_clamped_gate_is_refused():
+    """A swiglu limit (clamped gate/up) is not what FusedMoE computes."""
+    src = EXPERTS.format(gate_up_shape="2 * self.inter, config.hidden_size", extra="")
+    src = src.replace("            h = nn.functional.linear(self.act_fn(g) * u, self.down[e])\n",
+                      "            h = nn.functional.linear(self.act_fn(g.clamp(max=7.0)) * u, self.down[e])\n")
+    with pytest.raises(ConversionError, match="not `act\\(gate\\) \\* up`"):
+        _normalise(src)

@@ -123,15 +123,16 @@ def _analyse_experts(ex: Experts, refuse) -> dict | None:
         w = call.args[1].value if len(call.args) >= 2 else None
         if isinstance(w, cst.Subscript) and self_attr(w.value) in ex.params3d:
             linear_of[self_attr(w.value)] = call
-    # gate_up: the linear whose output is chunked in two along the last dim
+    # gate_up: the linear whose output is chunked in two along the last dim, here or in a helper method
+    # it is handed to (`self._apply_gate(linear(x, gate_up[e]))`)
     gate_up = down = None
-    chunk = None
-    for call in _calls(fwd, lambda n: isinstance(n.func, cst.Attribute) and n.func.attr.value == "chunk"):
-        base = call.func.value
-        for p, lin in linear_of.items():
-            if base is lin and [code(a.value) for a in call.args][:1] == ["2"] and \
-                    code(call.args[-1].value) in ("-1", "2") and len(call.args) == 2:
-                gate_up, chunk = p, call
+    chunk, gate_fn = None, fwd
+    for p, lin in linear_of.items():
+        for fn, base in [(fwd, lin), *_helper_input(ex, fwd, lin)]:
+            for call in _calls(fn, lambda n: isinstance(n.func, cst.Attribute) and n.func.attr.value == "chunk"):
+                if (call.func.value is base or code(call.func.value) == base) and len(call.args) == 2 and \
+                        code(call.args[0].value) == "2" and code(call.args[-1].value) in ("-1", "2"):
+                    gate_up, chunk, gate_fn = p, call, fn
     rest = [p for p in linear_of if p != gate_up]
     if gate_up is None or len(rest) != 1 or set(ex.params3d) != {gate_up, rest[0]}:
         refuse(ex.cls, f"experts `{ex.name}`",
@@ -149,7 +150,7 @@ def _analyse_experts(ex: Experts, refuse) -> dict | None:
                f"({', '.join(code(d) for d in ex.params3d[down])}); FusedMoE needs [E, 2*I, H] and [E, H, I]")
         return None
     # gate, up = ...chunk(...); act(gate) * up
-    activation = _gated_activation(fwd, chunk, ex)
+    activation = _gated_activation(gate_fn, chunk, ex)
     if activation is None:
         refuse(ex.cls, f"experts `{ex.name}`", "the expert MLP is not `act(gate) * up` with act = ACT2FN[...]")
         return None
@@ -171,6 +172,27 @@ def _analyse_experts(ex: Experts, refuse) -> dict | None:
             "activation": activation, "order": inputs, "ids": ids[0], "weights": weights[0]}
 
 
+def _helper_input(ex: Experts, fwd: cst.FunctionDef, value: cst.Call) -> list[tuple[cst.FunctionDef, str]]:
+    """(helper method, its parameter name) for a `self.helper(value)` call in forward."""
+    out = []
+    ms = methods(ex.cls)
+    for call in _calls(fwd, lambda n: self_call_attr(n) in ms and len(n.args) == 1 and n.args[0].value is value):
+        params = param_names(ms[self_call_attr(call)])[1:]
+        if len(params) == 1:
+            out.append((ms[self_call_attr(call)], params[0]))
+    return out
+
+
+def _strip_casts(node: cst.BaseExpression) -> str:
+    """`x.float()` / `x.to(dtype)` -> "x": dtype casts around the gate do not change the math's shape."""
+    while isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute) and node.func.attr.value in ("float", "to"):
+        node = node.func.value
+    return code(node)
+
+
+_ACT_FUNCTIONS = {"silu": "silu", "gelu": "gelu"}
+
+
 def _gated_activation(fwd, chunk: cst.Call, ex: Experts) -> cst.BaseExpression | None:
     gate = up = None
 
@@ -188,14 +210,17 @@ def _gated_activation(fwd, chunk: cst.Call, ex: Experts) -> cst.BaseExpression |
 
     class Product(cst.CSTVisitor):
         def visit_BinaryOperation(self, n: cst.BinaryOperation):
-            if isinstance(n.operator, cst.Multiply) and code(n.right) == up and isinstance(n.left, cst.Call) \
-                    and len(n.left.args) == 1 and code(n.left.args[0].value) == gate and self_call_attr(n.left):
+            if isinstance(n.operator, cst.Multiply) and _strip_casts(n.right) == up and isinstance(n.left, cst.Call) \
+                    and len(n.left.args) == 1 and _strip_casts(n.left.args[0].value) == gate and self_call_attr(n.left):
                 found.append(self_call_attr(n.left))
 
     fwd.visit(Product())
     act = ex.attrs.get(found[0]) if found else None
     if isinstance(act, cst.Subscript) and (dotted(act.value) or "").endswith("ACT2FN") and len(act.slice) == 1:
         return act.slice[0].slice.value
+    name = (dotted(act) or "").rsplit(".", 1)[-1] if act is not None else ""
+    if (dotted(act) or "").startswith(("F.", "nn.functional.", "torch.nn.functional.")) and name in _ACT_FUNCTIONS:
+        return cst.SimpleString(f'"{_ACT_FUNCTIONS[name]}"')
     return None
 
 
