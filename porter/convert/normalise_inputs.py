@@ -18,7 +18,7 @@ import re
 import libcst as cst
 
 from porter.convert.context import Context, Pass
-from porter.convert.cst_util import code, init_assignments, methods, param_names, self_call_attr
+from porter.convert.cst_util import code, init_assignments, is_pure, methods, param_names, self_call_attr
 from porter.convert.specialise import FALSE_PARAMS, NONE_PARAMS
 
 _REMOVED = re.compile(r"\b(training|past_key_values|attention_mask|labels|output_attentions)\b")
@@ -81,6 +81,16 @@ class _Inputs(Pass):
             return updated
         self.note(original, noise)
         return cst.RemoveFromParent()
+
+    def leave_If(self, original: cst.If, updated: cst.If):
+        # a branch whose only statement was dropped above: `if input_ids is not None: pass`
+        body = updated.body.body
+        if updated.orelse is None and is_pure(updated.test) and all(
+                isinstance(s, cst.SimpleStatementLine) and all(isinstance(x, cst.Pass) for x in s.body) for s in body) \
+                and not all(isinstance(s, cst.SimpleStatementLine) and all(isinstance(x, cst.Pass) for x in s.body)
+                            for s in original.body.body):
+            return cst.RemoveFromParent()
+        return updated
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef):
         self.fn = None
