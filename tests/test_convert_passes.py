@@ -26,11 +26,11 @@ PASSES = {p.__name__: p for p in (ResolveRelativeImports, InferenceFacts, DropDr
                                    ParallelLinears, AttentionCall, ThreadPrefix)}
 
 
-def run_golden(before: str) -> tuple[str, Context]:
+def run_golden(before: str, filename: str = "snippet.py") -> tuple[str, Context]:
     header, _, body = before.partition("\n")
     fields = dict(f.split("=", 1) for f in header.removeprefix("# golden:").split())
     module = cst.parse_module(body)
-    ctx = Context("snippet.py", Report("snippet.py"), SourceLines(module), package="transformers.models.foo")
+    ctx = Context(filename, Report(filename), SourceLines(module), package="transformers.models.foo")
     for role in ("attention", "mlp"):
         setattr(ctx.roles, role, set(fields.get(role, "").split(",")) - {""})
     for role in ("decoder", "base", "causal_lm"):
@@ -131,3 +131,19 @@ def test_remote_code_config_class_in_annotations_becomes_pretrained_config():
     assert not ctx.report.refusals
     assert out == ("from transformers import PretrainedConfig\nfrom torch import nn\n\n\n"
                    "def make(config: PretrainedConfig):\n    pass\n")
+
+
+def test_dataflow_is_checked_against_the_config_tp_plan(tmp_path):
+    """A plan that contradicts the dataflow (down_proj column-parallel) is refused; an agreeing one is not."""
+    before = (GOLDEN / "parallel_attention.before.py").read_text()
+    decoder = ("\n\nclass FooDecoderLayer(nn.Module):\n    def __init__(self, config):\n        super().__init__()\n"
+               "        self.self_attn = FooAttention(config)\n        self.mlp = FooMLP(config)\n")
+    before = before.replace("mlp=FooMLP", "mlp=FooMLP decoder=FooDecoderLayer") + decoder
+    for style, refused in (("rowwise", False), ("colwise", True)):
+        (tmp_path / "configuration_foo.py").write_text(
+            "class FooConfig:\n    base_model_tp_plan = {\n        'layers.*.mlp.gate_proj': 'colwise',\n"
+            f"        'layers.*.mlp.down_proj': '{style}',\n    }}\n")
+        _, ctx = run_golden(before, str(tmp_path / "modeling_foo.py"))
+        assert bool(ctx.report.refusals) == refused
+        if refused:
+            assert "base_model_tp_plan says colwise" in ctx.report.refusals[0].why

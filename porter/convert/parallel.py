@@ -8,6 +8,9 @@ stay `ReplicatedLinear` (correct on any TP size, no memory saving). Vocab embedd
 """
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import libcst as cst
 
 from porter.convert.context import Fusion, Pass
@@ -133,9 +136,51 @@ def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
     return None
 
 
+def tp_plan(filename: str) -> dict[str, str]:
+    """`base_model_tp_plan` of the configuration class next to the modeling file, read as source."""
+    folder = Path(filename).parent
+    plan: dict[str, str] = {}
+    for config_file in sorted(folder.glob("configuration_*.py")) if folder.is_dir() else []:
+        try:
+            tree = ast.parse(config_file.read_text())
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "base_model_tp_plan"
+                                                    for t in node.targets) and isinstance(node.value, ast.Dict):
+                for k, v in zip(node.value.keys, node.value.values):
+                    if isinstance(k, ast.Constant) and isinstance(v, ast.Constant):
+                        plan[str(k.value)] = str(v.value)
+    return plan
+
+
 class ParallelLinears(Pass):
     name = "parallel"
     scope = "classes"
+
+    def visit_Module(self, node: cst.Module) -> None:
+        # the config's tensor-parallel plan, keyed by (block class, linear): a cross-check of the dataflow
+        from porter.convert.specialise import callee_map
+
+        self.plan: dict[tuple[str, str], str] = {}
+        plan = tp_plan(self.ctx.filename)
+        decoder_children = callee_map(node).get(self.ctx.roles.decoder or "", {})
+        for key, style in plan.items():
+            parts = key.split(".")
+            if len(parts) == 4 and parts[:2] == ["layers", "*"] and parts[2] in decoder_children:
+                self.plan[(decoder_children[parts[2]], parts[3])] = style
+
+    def _check_plan(self, cls_node, name: str, linears, column, sharded: bool) -> None:
+        for attr in linears:
+            style = self.plan.get((name, attr))
+            if style is None:
+                continue
+            ours = "replicated" if not sharded else ("colwise" if attr in column else "rowwise")
+            if sharded and style in ("colwise", "rowwise") and style != ours:
+                self.refuse(cls_node, f"linear `{name}.{attr}`", f"dataflow makes it {ours} but the config's "
+                            f"base_model_tp_plan says {style}")
+            elif not sharded and style in ("colwise", "rowwise"):
+                self.note(cls_node, f"{name}.{attr}: base_model_tp_plan says {style}; kept replicated (see above)")
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = updated.name.value
@@ -218,6 +263,7 @@ class ParallelLinears(Pass):
         self.ctx.fusions[name] = fusions
         if not sharded:
             self.note(original, f"{name}: linears {', '.join(linears)} -> ReplicatedLinear ({why_replicated})")
+        self._check_plan(original, name, linears, column, sharded)
         if attention:
             self._record_heads(name, cls, linears, fusions)
         new_init = self._rewrite_init(ms["__init__"], linears, column, fusions, sharded)
