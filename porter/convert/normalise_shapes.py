@@ -60,7 +60,8 @@ class _Rewrite(cst.CSTTransformer):
         self.b, self.s, self.unpack = b, s, unpack
 
     def leave_SimpleStatementLine(self, original, updated):
-        if original is self.unpack:
+        got = _unpack(original)
+        if got is not None and got[:2] == (self.b, self.s):  # every unpacking of the same names
             a = updated.body[0]
             t = a.targets[0].target
             new_t = cst.Tuple([cst.StarredElement(cst.Name(_LEAD)), cst.Element(t.elements[2].value)], lpar=[], rpar=[])
