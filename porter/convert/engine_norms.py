@@ -134,7 +134,7 @@ class _Forward:
                 return self.call(self.methods[helper], [self.eval(a, env) for a in pos])
             finally:
                 self.depth -= 1
-        if not isinstance(e.func, cst.Attribute):
+        if not isinstance(e.func, cst.Attribute) or (f or "").startswith(("torch.", "nn.", "F.")):
             raise _Unknown(f"`{code(e)}`")
         v, method = self.eval(e.func.value, env), e.func.attr.value
         if method == "float" and not pos and not kw:
