@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from porter.engine.config import EngineConfig
+from porter.engine.distributed import get_tp_rank
 from porter.engine.forward_context import AttentionMetadata, set_forward_context
 from porter.engine.layers.attention import Attention
 from porter.engine.sampler import Sampler
@@ -209,4 +210,6 @@ class ModelRunner:
         if not sampling_ids:
             return [], []
         logits = self.model.compute_logits(hidden[sample_rows])
+        if get_tp_rank() != 0:  # every rank joins the logits gather; rank 0 alone samples
+            return [], []
         return self.sampler(logits, step.params, gens)

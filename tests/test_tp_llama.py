@@ -153,6 +153,18 @@ def test_model_that_cannot_be_split_fails_before_workers_start(tmp_path):
     assert set(multiprocessing.active_children()) <= before
 
 
+def test_only_rank0_samples(fixture_tp2_llm):
+    """Every rank runs the forward and the logits gather; the sampler runs on rank 0 alone. (This
+    writes K/V into block 0, so it runs after the tests that read the shared engine's cache.)"""
+    from porter.engine.model_runner import StepInput
+
+    step = StepInput(seq_ids=[0], new_token_ids=[[5, 17, 42]], num_computed=[0], block_tables=[[0]],
+                     sample=[True], params=[GREEDY], finished_seq_ids=[])
+    (tokens0, logprobs0), (tokens1, logprobs1) = fixture_tp2_llm.runner.executor.collective_rpc("execute", step)
+    assert len(tokens0) == 1 and set(logprobs0[0]) >= {tokens0[0]}
+    assert (tokens1, logprobs1) == ([], [])
+
+
 def test_killed_worker_makes_generate_raise(fixture_tp2_llm):
     """Last user of the shared TP engine: it kills a worker."""
     pids = fixture_tp2_llm.runner.executor.collective_rpc(_pid)
