@@ -1,5 +1,6 @@
-"""Models made by `porter convert` from transformers' own modeling files run tensor parallel: TP=2
-(gloo, two worker processes) generates what TP=1 does."""
+"""Models from model files run tensor parallel: TP=2 (gloo, two worker processes) generates what TP=1
+does for files `porter convert` made from transformers' own modeling files, and for the custom
+trust_remote_code fixture with its hand-written engine file (its config class must reach the workers)."""
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,20 @@ def test_converted_model_tp2_matches_tp1(tmp_path, model_type, hf_class, config)
     if model_type == "qwen2":  # GQA: 4 q heads and 2 kv heads of 8 -> 2 q heads and 1 kv head per rank
         qkv = next(n for n in full if n.endswith("layers.0.self_attn.qkv_proj.weight"))
         assert full[qkv][0] == 8 * 8 and per_rank[0][qkv][0] == 4 * 8
+
+
+def test_custom_remote_code_model_tp2_matches_tp1():
+    custom = Path(__file__).resolve().parent.parent / "fixtures" / "custom_model"
+    from porter.engine import LLM
+
+    def start_custom(tp):
+        return LLM(custom, model_file=custom / "parallax_engine.py", tensor_parallel_size=tp, device="cpu",
+                   trust_remote_code=True, skip_tokenizer_init=True, max_model_len=64, num_kv_blocks=16)
+
+    prompts = [[5, 17, 42, 99, 3, 50, 7], [11 + (i * 37) % 200 for i in range(21)]]
+    tp1 = run(start_custom(1), prompts)
+    llm = start_custom(2)
+    try:
+        assert_same_generation(tp1, run(llm, prompts))
+    finally:
+        llm.runner.shutdown()
