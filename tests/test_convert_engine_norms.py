@@ -7,16 +7,20 @@ import ast
 import libcst as cst
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from porter.convert import convert_file
 from porter.convert.context import Context, SourceLines
 from porter.convert.engine_norms import engine_norms
+from porter.convert.layout import tidy_layout
 from porter.convert.report import Report
 from porter.convert.source import resolve_source
 from porter.engine.config import EngineConfig, set_current_engine_config
+from porter.engine.forward_context import AttentionMetadata, set_forward_context
 from porter.engine.layers.layernorm import RMSNorm
+from porter.engine.weight_utils import iterate_safetensors
 
-from test_convert_models import load_module, tiny_config
+from test_convert_models import PROMPT_LENS, load_module, tiny_config
 
 LLAMA_NORM = '''class MyRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps: float = 1e-6) -> None:
@@ -155,19 +159,26 @@ def test_engine_norm_equals_hf_norm_bit_for_bit_on_cpu(name, unit_offset, dtype)
         assert torch.equal(engine(x), hf(x))
 
 
+def convert_with_engine_norms(model_type: str, path) -> tuple[object, str]:
+    """The converted file with the pass applied (a no-op once the pipeline runs it itself)."""
+    result = convert_file(resolve_source(model_type)[0], model_type=model_type)
+    module = cst.parse_module(result.code)
+    ctx = Context(filename="m.py", report=Report("m.py"), lines=SourceLines(module), package=None)
+    path.write_text(tidy_layout(engine_norms(module, ctx)).code)
+    return load_module(path, f"porter_test_norms_{model_type}"), result.architecture
+
+
 @pytest.mark.parametrize("model_type", ["qwen3", "llama"])
 def test_converted_files_use_the_engine_rmsnorm_under_hf_names(model_type, tmp_path):
-    result = convert_file(resolve_source(model_type)[0], model_type=model_type)
-    tree = ast.parse(result.code)
+    mod, arch = convert_with_engine_norms(model_type, tmp_path / "engine.py")
+    code = (tmp_path / "engine.py").read_text()
+    tree = ast.parse(code)
     assert not [n.name for n in tree.body if isinstance(n, ast.ClassDef) and "rsqrt" in ast.unparse(n)]
-    assert "from porter.engine.layers.layernorm import RMSNorm" in result.code
-    path = tmp_path / "engine.py"
-    path.write_text(result.code)
-    mod = load_module(path, f"porter_test_norms_{model_type}")
+    assert "from porter.engine.layers.layernorm import RMSNorm" in code
     cfg = tiny_config(model_type)
     ec = EngineConfig(hf_config=cfg)
     with set_current_engine_config(ec):
-        model = getattr(mod, result.architecture)(engine_config=ec)
+        model = getattr(mod, arch)(engine_config=ec)
     norms = {n: m for n, m in model.named_modules() if isinstance(m, RMSNorm)}
     per_layer = 4 if model_type == "qwen3" else 2
     assert len(norms) == per_layer * cfg.num_hidden_layers + 1
@@ -175,3 +186,31 @@ def test_converted_files_use_the_engine_rmsnorm_under_hf_names(model_type, tmp_p
     for name, norm in norms.items():
         assert norm.weight.param_name == f"{name}.weight"  # prefix threaded to the state-dict name
         assert norm.eps == cfg.rms_norm_eps
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2"])
+def test_converted_model_with_engine_norms_matches_hf(model_type, tmp_path):
+    cfg = tiny_config(model_type)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():  # norm weights away from their ones/zeros init, so a wrong offset shows
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(tmp_path / "ckpt")
+    mod, arch = convert_with_engine_norms(model_type, tmp_path / "engine.py")
+    ec = EngineConfig(hf_config=cfg)
+    with set_current_engine_config(ec):
+        model = getattr(mod, arch)(engine_config=ec)
+    model.load_weights(iterate_safetensors(tmp_path / "ckpt"))
+    assert any(isinstance(m, RMSNorm) for m in model.modules())
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in PROMPT_LENS]
+    positions = torch.cat([torch.arange(n) for n in PROMPT_LENS])
+    with torch.no_grad(), set_forward_context(AttentionMetadata.for_prefill(PROMPT_LENS)):
+        logits = model.compute_logits(model(torch.cat(prompts), positions))
+    start = 0
+    with torch.no_grad():
+        for p in prompts:
+            torch.testing.assert_close(logits[start:start + len(p)], hf(p[None]).logits[0], atol=1e-4, rtol=1e-4)
+            start += len(p)

@@ -12,7 +12,6 @@ from porter.convert.analyse import analyse
 from porter.convert.attention import AttentionCall
 from porter.convert.batch_helpers import BatchOfOneHelpers
 from porter.convert.context import Context, SourceLines
-from porter.convert.engine_norms import engine_norms
 from porter.convert.flatten import FlattenForward
 from porter.convert.head import DERIVED_KEYS, CausalLMHead
 from porter.convert.imports import ResolveRelativeImports
@@ -88,7 +87,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     # unless a normalisation rewrote something)
     ctx.lines = SourceLines(module)
     step("analyse", lambda m: (analyse(m, ctx), m)[1])
-    step("constants", lambda m: normalise_constants(positions_given(m, ctx), ctx))
+    step("constants", lambda m: normalise_constants(m, ctx, facts=[positions_given]))
     step("positions", lambda m: unused_embedding_inputs(m, ctx))
     step("inputs", lambda m: normalise_inputs(m, ctx))
     step("imports", lambda m: m.visit(ResolveRelativeImports(ctx)))
@@ -96,7 +95,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     assumed = signatures(module)
     step("specialise", lambda m: m.visit(InferenceFacts(ctx)).visit(DropDropout(ctx)))
     # locals the facts made constant (`is_cross_attention = False`), then fold what they guard
-    step("specialise", lambda m: propagate_constants(m, ctx).visit(InferenceFacts(ctx)))
+    step("specialise", lambda m: propagate_constants(m, ctx, lambda n: n.visit(InferenceFacts(ctx))))
 
     def _prune(m):
         nonlocal assumed
@@ -113,7 +112,6 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     step("head", lambda m: m.visit(CausalLMHead(ctx)))
     skipped = DERIVED_KEYS + list(ctx.ignore_unexpected)
     step("tidy", lambda m: Tidy(ctx, skipped).run(m))
-    step("engine_norms", lambda m: engine_norms(m, ctx))  # after tidy: it adds its own import
     step("layout", tidy_layout)
     step("header", lambda m: _with_header(m, ctx, filename))
     out = module.code
