@@ -28,7 +28,9 @@ import torch.multiprocessing as mp
 
 from porter.engine.config import EngineConfig
 from porter.engine.tp_check import check_tp_splittable
-from porter.engine.worker import SHUTDOWN, WorkerSpec, recv, send, worker_main
+from porter.engine.worker import (
+    CALL, CALL_WANT_RESULT, SHUTDOWN, WorkerSpec, encode_call, recv, send_request, worker_main,
+)
 
 STORE_HOST = "127.0.0.1"
 
@@ -130,9 +132,10 @@ class MultiprocExecutor:
         if not self._finalizer.alive:
             raise RuntimeError("the tensor-parallel executor has been shut down")
         try:
+            body = encode_call(method, args, kwargs)
             for rank, conn in enumerate(self._conns):
                 try:
-                    send(conn, (method, args, kwargs, rank in reply_ranks))
+                    send_request(conn, CALL_WANT_RESULT if rank in reply_ranks else CALL, body)
                 except (BrokenPipeError, ConnectionResetError, EOFError):
                     self._fail_dead(f"while sending {_name(method)}")
             return self._collect(range(self.world_size), self.step_timeout_s, _name(method))
@@ -236,7 +239,7 @@ def _stop_workers(procs, conns, grace_s: float = 5.0) -> None:
     whose peer died never reads the request)."""
     for conn in conns:
         try:
-            send(conn, SHUTDOWN)
+            send_request(conn, SHUTDOWN)
         except (OSError, EOFError):
             pass
     deadline = time.monotonic() + grace_s

@@ -28,7 +28,9 @@ import torch
 from porter.engine.config import EngineConfig
 from porter.engine.distributed import destroy_tensor_parallel, init_tensor_parallel
 
-SHUTDOWN = "shutdown"
+# A request is one flag byte and the pickled (method, args, kwargs): the executor pickles a step's
+# inputs once and sends the same bytes to every rank, only the flag differs.
+CALL, CALL_WANT_RESULT, SHUTDOWN = 0, 1, 2
 
 
 @dataclass
@@ -50,6 +52,14 @@ def send(conn, obj) -> None:
 
 def recv(conn):
     return pickle.loads(conn.recv_bytes())
+
+
+def encode_call(method, args, kwargs) -> bytes:
+    return pickle.dumps((method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def send_request(conn, flag: int, body: bytes = b"") -> None:
+    conn.send_bytes(bytes([flag]) + body)
 
 
 def resolve_factory(factory: Callable[..., Any] | str) -> Callable[..., Any]:
@@ -123,12 +133,13 @@ def worker_main(spec: WorkerSpec, conn) -> None:
 def _serve(runner, conn) -> None:
     while True:
         try:
-            message = recv(conn)
+            request = conn.recv_bytes()
         except (EOFError, OSError):  # the executor is gone
             return
-        if message == SHUTDOWN:
+        if request[0] == SHUTDOWN:
             return
-        method, args, kwargs, want_result = message
+        want_result = request[0] == CALL_WANT_RESULT
+        method, args, kwargs = pickle.loads(memoryview(request)[1:])
         try:
             if callable(method):  # a function of the runner (tests, one-off inspection)
                 result = method(runner, *args, **kwargs)
