@@ -1,6 +1,6 @@
 """The body of one tensor-parallel worker process (started by engine/executor.py with spawn).
 
-A worker joins the process group, builds a runner (by default the engine's model runner) as its
+A worker joins the process group, builds a runner (for LLM: the engine's ModelRunner) as its
 rank, then serves calls from the executor over its pipe until told to stop: each request names a
 runner method and its arguments, every rank runs it (so the collectives inside the model's layers
 line up), and the reply carries the result, an error traceback, or nothing when the executor only
