@@ -143,7 +143,7 @@ def forward(self, x, position_ids):
         position_ids = torch.cumsum(m, dim=1)
     return self.emb(m, position_ids=position_ids)
 ''')
-    code = normalise_constants(positions_given(module, ctx), ctx).code
+    code = normalise_constants(module, ctx, facts=[positions_given]).code
     assert "if m is None" not in code and "m = torch.ones(3)" in code
     assert "cumsum" not in code  # positions are always given
 

@@ -45,6 +45,8 @@ class _Conv1DToLinear(cst.CSTTransformer):
 
 
 def normalise_conv1d(module: cst.Module, ctx: Context) -> cst.Module:
+    if "Conv1D(" not in module.code:
+        return module
     v = _Conv1DToLinear(ctx)
     new = module.visit(v)
     ctx.transposed_keys = transposed_key_pattern(module, v.transposed) or ""

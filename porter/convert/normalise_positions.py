@@ -83,8 +83,8 @@ class UnusedEmbeddingInputs(Pass):
 
 
 def positions_given(module: cst.Module, ctx) -> cst.Module:
-    return module.visit(PositionsGiven(ctx))
+    return module.visit(PositionsGiven(ctx)) if "position_ids is" in module.code else module
 
 
 def unused_embedding_inputs(module: cst.Module, ctx) -> cst.Module:
-    return module.visit(UnusedEmbeddingInputs(ctx))
+    return module.visit(UnusedEmbeddingInputs(ctx)) if ctx.roles.embedding_subclasses else module

@@ -12,6 +12,8 @@ Also the last-dim idioms of `_LastDim`.
 """
 from __future__ import annotations
 
+import re
+
 import libcst as cst
 
 from porter.convert.context import Context
@@ -184,5 +186,14 @@ class _Functions(cst.CSTTransformer):
         return updated
 
 
+_UNPACK = re.compile(r"^\s*\w+, \w+, \w+ = .*\.(shape|size\(\))\s*$", re.M)
+_LAST_DIM = re.compile(r"dim=[23]\)|shape\[:-2\]|shape\[:2\]")
+
+
 def normalise_shapes(module: cst.Module, ctx: Context) -> cst.Module:
-    return module.visit(_Functions(ctx)).visit(_LastDim(ctx))
+    text = module.code  # walk only where the idioms occur
+    if _UNPACK.search(text):
+        module = module.visit(_Functions(ctx))
+    if _LAST_DIM.search(text):
+        module = module.visit(_LastDim(ctx))
+    return module

@@ -87,7 +87,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     # unless a normalisation rewrote something)
     ctx.lines = SourceLines(module)
     step("analyse", lambda m: (analyse(m, ctx), m)[1])
-    step("constants", lambda m: normalise_constants(positions_given(m, ctx), ctx))
+    step("constants", lambda m: normalise_constants(m, ctx, facts=[positions_given]))
     step("positions", lambda m: unused_embedding_inputs(m, ctx))
     step("inputs", lambda m: normalise_inputs(m, ctx))
     step("imports", lambda m: m.visit(ResolveRelativeImports(ctx)))
@@ -95,7 +95,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     assumed = signatures(module)
     step("specialise", lambda m: m.visit(InferenceFacts(ctx)).visit(DropDropout(ctx)))
     # locals the facts made constant (`is_cross_attention = False`), then fold what they guard
-    step("specialise", lambda m: propagate_constants(m, ctx).visit(InferenceFacts(ctx)))
+    step("specialise", lambda m: propagate_constants(m, ctx, lambda n: n.visit(InferenceFacts(ctx))))
 
     def _prune(m):
         nonlocal assumed
