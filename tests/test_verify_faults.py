@@ -76,13 +76,13 @@ CONVERTED_FAULTS = {
         "model.rotary_emb",
     ),
     "norm_unit_offset": (
-        "return self.weight * hidden_states.to(input_dtype)",
-        "return (1.0 + self.weight) * hidden_states.to(input_dtype)",
+        'eps=config.rms_norm_eps,\n            prefix=f"{prefix}.input_layernorm"',
+        'eps=config.rms_norm_eps,\n            unit_offset=True,\n            prefix=f"{prefix}.input_layernorm"',
         "model.layers.0.input_layernorm",
     ),
     "wrong_norm_eps": (
-        "self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)",
-        "self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=1e-2)",
+        'eps=config.rms_norm_eps,\n            prefix=f"{prefix}.post_attention_layernorm"',
+        'eps=1e-2,\n            prefix=f"{prefix}.post_attention_layernorm"',
         "model.layers.0.post_attention_layernorm",
     ),
     "query_position_off_by_one": (  # rope is relative: only a q/k offset shows
