@@ -99,8 +99,9 @@ class AttentionCall(Pass):
         num_heads, num_kv, head_size = heads
         scale = ctor.pop("scale", f"{head_size}**-0.5")
         extra = "".join(f"    {k}={v},\n" for k, v in ctor.items())
+        kv_line = f"    num_kv_heads={num_kv},\n" if num_kv != num_heads else ""  # default: as many as heads
         attn = parse_stmt(f"self.attn = Attention(\n    {num_heads},\n    {head_size},\n    scale={scale},\n"
-                          f"    num_kv_heads={num_kv},\n{extra})\n")
+                          f"{kv_line}{extra})\n")
         self.note(original, f"{cls.name.value}: self.attn = Attention({num_heads}, {head_size}, scale={scale}, "
                             f"num_kv_heads={num_kv}{''.join(f', {k}={v}' for k, v in ctor.items())})")
         init = init.with_changes(body=init.body.with_changes(body=[*init.body.body, attn]))

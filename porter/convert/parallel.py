@@ -129,6 +129,43 @@ def _reads_block_input(fwd: cst.FunctionDef, attrs: set[str]) -> dict[str, bool]
     return out
 
 
+def _per_head_split(fwd: cst.FunctionDef, attr: str) -> int | None:
+    """N when the fused projection's output is only used as `x = self.attr(h).view(shape)` with
+    `shape = (..., -1, N * head)` and `x.chunk(N, dim=-1)`: q/k/v interleaved per head (GPT-NeoX), so
+    sharding the output rows by heads keeps whole heads together. None otherwise."""
+    shapes: dict[str, cst.Tuple] = {}
+    view_var, n = None, None
+    for stmt in fwd.body.body:
+        if not isinstance(stmt, cst.SimpleStatementLine):
+            continue
+        for small in stmt.body:
+            if not (isinstance(small, cst.Assign) and isinstance(small.targets[0].target, cst.Name)):
+                continue
+            name, value = small.targets[0].target.value, small.value
+            if isinstance(value, cst.Tuple):
+                shapes[name] = value
+            if isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and \
+                    value.func.attr.value in ("view", "reshape") and self_call_attr(value.func.value) == attr \
+                    and len(value.args) == 1 and code(value.args[0].value) in shapes:
+                els = [e.value for e in shapes[code(value.args[0].value)].elements]
+                last = els[-1] if els else None
+                if len(els) >= 2 and code(els[-2]) == "-1" and isinstance(last, cst.BinaryOperation) and \
+                        isinstance(last.operator, cst.Multiply) and isinstance(last.left, cst.Integer):
+                    view_var, n = name, int(last.left.value)
+    if view_var is None:
+        return None
+    chunks = []
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, c):
+            if isinstance(c.func, cst.Attribute) and code(c.func.value) == view_var and c.func.attr.value == "chunk":
+                chunks.append([code(a) .replace(" ", "") for a in c.args])
+
+    fwd.visit(V())
+    ok = chunks and all(a in ([str(n) + ",", "dim=-1"], [str(n) + ",", "dim=-1,"]) for a in chunks)
+    return n if ok and loads(fwd.body)[view_var] == len(chunks) else None
+
+
 def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
     """`heads * head_size` -> (heads, head_size) code."""
     if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
@@ -240,11 +277,19 @@ class ParallelLinears(Pass):
         fusions: list[Fusion] = []
         why_replicated = None
         sliced = _sliced_outputs(fwd, set(column))
+        per_head = attention and len(column) == 1 and sliced is not None and \
+            "num_key_value_heads" not in code(cls) and _per_head_split(fwd, column[0]) is not None
+        if per_head:
+            self.note(original, f"{column[0]}: q/k/v interleaved per head (view(..., -1, N * head).chunk(N)): "
+                                "column-parallel by heads")
+            sliced = None
         if sliced is not None:
             why_replicated = (f"the output of {', '.join(column)} is sliced by offsets (`{code(sliced)[:50]}`, "
                               f"line {self.line(sliced) or '?'}), which column sharding would break")
         elif not column or not row:
             why_replicated = "no column -> row dataflow through the block"
+        elif attention and per_head:
+            pass
         elif attention:
             qkv = self._qkv(linears, column)
             if qkv is None:
@@ -265,7 +310,7 @@ class ParallelLinears(Pass):
             self.note(original, f"{name}: linears {', '.join(linears)} -> ReplicatedLinear ({why_replicated})")
         self._check_plan(original, name, linears, column, sharded)
         if attention:
-            self._record_heads(name, cls, linears, fusions)
+            self._record_heads(name, cls, linears, fusions, local=per_head)
         new_init = self._rewrite_init(ms["__init__"], linears, column, fusions, sharded)
         new_fwd = self._rewrite_forward(fwd, linears, fusions)
         body = [new_init if s is ms["__init__"] else new_fwd if s is fwd else s for s in cls.body.body]
@@ -283,7 +328,7 @@ class ParallelLinears(Pass):
             return None
         return Fusion(_fused_name(column), list(column), ["q", "k", "v"])
 
-    def _record_heads(self, name, cls, linears, fusions) -> None:
+    def _record_heads(self, name, cls, linears, fusions, local: bool = False) -> None:
         if fusions:
             f = fusions[0].fused
             self.ctx.attn_heads[name] = (f"self.{f}.num_heads", f"self.{f}.num_kv_heads", f"self.{f}.head_size")
@@ -295,6 +340,10 @@ class ParallelLinears(Pass):
         head = next((f"self.{h}" for h in ("head_dim", "head_size") if h in assigned), None)
         if head is None:
             self.refuse(cls, f"attention `{name}`", "cannot tell its head size (no self.head_dim / self.head_size)")
+            return
+        if local:  # heads sharded over ranks (multi-head attention only)
+            heads = f"divide({cfg}.num_attention_heads, get_tp_world_size())"
+            self.ctx.attn_heads[name] = (heads, heads, head)
             return
         kv = f"{cfg}.num_key_value_heads" if "num_key_value_heads" in text else f"{cfg}.num_attention_heads"
         self.ctx.attn_heads[name] = (f"{cfg}.num_attention_heads", kv, head)

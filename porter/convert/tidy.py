@@ -23,6 +23,8 @@ ENGINE_IMPORTS = {
     "CheckpointKeyError": "porter.engine.weight_utils",
     "default_weight_loader": "porter.engine.weight_utils",
     "Iterable": "collections.abc",
+    "divide": "porter.engine.distributed",
+    "get_tp_world_size": "porter.engine.distributed",
     "FusedMoE": "porter.engine.layers.fused_moe",
     "load_expert_weight": "porter.engine.layers.fused_moe",
 }
