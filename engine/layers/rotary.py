@@ -194,3 +194,42 @@ def get_rope(head_size: int, max_position: int, is_neox_style: bool = True, rope
     rope.max_position = max_position
     _cache[key] = rope
     return rope
+
+
+_cos_sin_ops = None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """HF's rotate-half apply (`q * cos + rotate_half(q) * sin`, cos/sin unsqueezed at dim 1) over flat
+    batches: q/k [T, heads, head_dim], cos/sin [T, rot_dim]; only the first rot_dim dims rotate. Returns new
+    tensors. On CUDA one Triton launch rotates q and k; on CPU it is HF's torch expression (bit-exact)."""
+    global _cos_sin_ops
+    if q.dim() != 3 or k.dim() != 3 or cos.dim() != 2 or sin.shape != cos.shape or \
+            not q.shape[0] == k.shape[0] == cos.shape[0] or q.shape[-1] != k.shape[-1] or \
+            cos.shape[-1] > q.shape[-1] or cos.shape[-1] % 2:
+        raise ValueError(f"apply_rotary_cos_sin: expected q/k [T, heads, D] and cos/sin [T, R<=D, R even], got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    on = q.is_cuda if USE_KERNEL is None else USE_KERNEL
+    tensors = (q, k, cos, sin)
+    if on and all(t.dtype in _KERNEL_DTYPES for t in tensors) and \
+            not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        if _cos_sin_ops is None:
+            from porter.kernels import rotary_cos_sin
+            _cos_sin_ops = rotary_cos_sin
+        return _cos_sin_ops.rotary_cos_sin(q, k, cos, sin)
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if rot == q.shape[-1]:  # HF's exact expression
+        return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+    def partial(x):
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        return torch.cat(((x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass.to(torch.result_type(x_rot, cos))),
+                         dim=-1)
+
+    return partial(q), partial(k)

@@ -1,0 +1,104 @@
+"""Rotate-half rotary (HF's `q * cos + rotate_half(q) * sin`) from per-token cos/sin rows, q and k in one
+launch. q [T, Hq, D], k [T, Hk, D]; cos, sin [T, R] (R even, <= D): the first R dims of each head rotate,
+the rest pass through (partial rotary). cos/sin are used as given (both halves read), so any
+cat(freqs, freqs) * scaling form works. Results are new tensors; nothing is read back to the host, so the
+launch is CUDA-graph safe. One program per token handles all its q and k heads, math in fp32."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from porter.kernels.triton_utils import INTERPRETED, next_pow2
+
+
+@triton.jit
+def _rotate(x_ptr, o_ptr, t, stride_t, stride_h, c1, c2, s1, s2, i, i_mask, p, p_mask,
+            HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+            ROT: tl.constexpr, HAS_PASS: tl.constexpr):
+    h = tl.arange(0, HEADS_PAD)
+    h_mask = (h < HEADS)[:, None]
+    src = x_ptr + t * stride_t + h[:, None] * stride_h
+    dst = o_ptr + t * (HEADS * D) + h[:, None] * D
+    mask = h_mask & i_mask[None, :]
+    x1 = tl.load(src + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + i[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_ty = o_ptr.dtype.element_ty
+    tl.store(dst + i[None, :], (x1 * c1 - x2 * s1).to(out_ty), mask=mask)
+    tl.store(dst + HALF + i[None, :], (x2 * c2 + x1 * s2).to(out_ty), mask=mask)
+    if HAS_PASS:
+        pm = h_mask & p_mask[None, :]
+        rest = tl.load(src + ROT + p[None, :], mask=pm, other=0.0)
+        tl.store(dst + ROT + p[None, :], rest.to(out_ty), mask=pm)
+
+
+@triton.jit
+def _rotary_cos_sin_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
+                           sq_t, sq_h, sk_t, sk_h, scos_t, ssin_t,
+                           HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+                           D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                           PASS_PAD: tl.constexpr, HAS_PASS: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, HALF_PAD)
+    i_mask = i < HALF
+    p = tl.arange(0, PASS_PAD)
+    p_mask = p < D - 2 * HALF
+    c1 = tl.load(cos_ptr + t * scos_t + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * scos_t + HALF + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * ssin_t + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * ssin_t + HALF + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
+    _rotate(q_ptr, qo_ptr, t, sq_t, sq_h, c1, c2, s1, s2, i, i_mask, p, p_mask,
+            HQ, HQ_PAD, D, HALF, 2 * HALF, HAS_PASS)
+    _rotate(k_ptr, ko_ptr, t, sk_t, sk_h, c1, c2, s1, s2, i, i_mask, p, p_mask,
+            HK, HK_PAD, D, HALF, 2 * HALF, HAS_PASS)
+
+
+def _check(q, k, cos, sin) -> int:
+    """The rotary width R, or a ValueError naming the offending shape."""
+    if q.dim() != 3 or k.dim() != 3 or cos.dim() != 2 or sin.shape != cos.shape:
+        raise ValueError(f"rotary_cos_sin: expected q/k [T, heads, D] and cos/sin [T, R], got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    t, d, rot = q.shape[0], q.shape[2], cos.shape[1]
+    if k.shape[0] != t or k.shape[2] != d or cos.shape[0] != t:
+        raise ValueError(f"rotary_cos_sin: token counts / head sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"cos {tuple(cos.shape)}")
+    if rot % 2 or rot > d:
+        raise ValueError(f"rotary_cos_sin: rotary dim {rot} must be even and <= head_dim {d}")
+    return rot
+
+
+def rotary_cos_sin_ref(q, k, cos, sin):
+    """Torch reference: HF's rotate-half apply on the first R dims, the rest passed through."""
+    rot = _check(q, k, cos, sin)
+    c, s = cos[:, None, :], sin[:, None, :]
+
+    def one(x):
+        xr = x[..., :rot]
+        half = torch.cat((-xr[..., rot // 2:], xr[..., : rot // 2]), dim=-1)
+        return torch.cat((xr * c + half * s, x[..., rot:].to(torch.result_type(xr, c))), dim=-1)
+
+    return one(q), one(k)
+
+
+def rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(q_rot, k_rot), new contiguous tensors in the dtype torch would give `q * cos`."""
+    rot = _check(q, k, cos, sin)
+    out_dtype = torch.promote_types(q.dtype, cos.dtype)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    qo = torch.empty((t, hq, d), dtype=out_dtype, device=q.device)
+    ko = torch.empty((t, hk, d), dtype=out_dtype, device=k.device)
+    if t == 0:
+        return qo, ko
+    rest = d - rot
+    _rotary_cos_sin_kernel[(t,)](
+        q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        HQ=hq, HK=hk, HQ_PAD=next_pow2(hq), HK_PAD=next_pow2(hk), D=d, HALF=rot // 2,
+        HALF_PAD=next_pow2(rot // 2), PASS_PAD=next_pow2(rest), HAS_PASS=rest > 0,
+        num_warps=1 if INTERPRETED else 4,
+    )
+    return qo, ko
