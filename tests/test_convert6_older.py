@@ -186,3 +186,27 @@ def test_unsupported_dev_set_files_are_refused_by_construct_and_line(model_type,
 
     with pytest.raises(ConversionError, match=construct):
         _convert(model_type, tmp_path)
+
+
+def test_hf_only_input_traces_are_dropped():
+    from porter.convert.normalise_inputs import normalise_inputs
+
+    module, ctx = _ctx('''
+class Base(nn.Module):
+    def __init__(self, config):
+        self.wte = nn.Embedding(config.vocab_size, 8)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        """input_ids: ids; attention_mask: which tokens to attend to."""
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("my_key", None)
+        if input_ids is not None:
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
+            input_ids = input_ids.view(-1, input_shape[-1])
+        return self.wte(input_ids)
+''')
+    ctx.roles.base = "Base"
+    code = normalise_inputs(module, ctx).code
+    assert '"""input_ids' not in code and "output_attentions" not in code
+    assert 'kwargs.pop("my_key", None)' in code  # not an inference flag: kept
+    assert "warn_if_padding" not in code and "view(-1" not in code and "if input_ids is not None" not in code
