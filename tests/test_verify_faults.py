@@ -86,9 +86,9 @@ CONVERTED_FAULTS = {
         "model.layers.0.post_attention_layernorm",
     ),
     "query_position_off_by_one": (  # rope is relative: only a q/k offset shows
-        "query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)",
-        "query_states, _ = apply_rotary_pos_emb(query_states, key_states, cos.roll(-1, 0), sin.roll(-1, 0))\n"
-        "        _, key_states = apply_rotary_pos_emb(key_states, key_states, cos, sin)",
+        "query_states, key_states = apply_rotary_cos_sin(query_states, key_states, cos, sin)",
+        "query_states, _ = apply_rotary_cos_sin(query_states, key_states, cos.roll(-1, 0), sin.roll(-1, 0))\n"
+        "        _, key_states = apply_rotary_cos_sin(key_states, key_states, cos, sin)",
         "model.layers.0.self_attn",
     ),
     "wrong_attention_scale": (

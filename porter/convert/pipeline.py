@@ -13,6 +13,7 @@ from porter.convert.attention import AttentionCall
 from porter.convert.batch_helpers import BatchOfOneHelpers
 from porter.convert.context import Context, SourceLines
 from porter.convert.engine_norms import engine_norms
+from porter.convert.engine_rotary import engine_rotary
 from porter.convert.flatten import FlattenForward
 from porter.convert.head import DERIVED_KEYS, CausalLMHead
 from porter.convert.imports import ResolveRelativeImports
@@ -114,6 +115,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     skipped = DERIVED_KEYS + list(ctx.ignore_unexpected)
     step("tidy", lambda m: Tidy(ctx, skipped).run(m))
     step("engine_norms", lambda m: engine_norms(m, ctx))
+    step("engine_rotary", lambda m: engine_rotary(m, ctx))
     step("layout", tidy_layout)
     step("header", lambda m: _with_header(m, ctx, filename))
     out = module.code
