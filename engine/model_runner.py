@@ -51,12 +51,11 @@ class StepInput:
 
 
 def resolve_model_class(hf_config, model_file: str | Path | None) -> type[nn.Module]:
-    """The engine class for the config's architectures (registering a converted model file first)."""
+    """The engine class for the config's architectures: from the converted model file when given (without
+    registering it: another LLM in this process keeps seeing the built-ins), else from the registry."""
     from porter.engine.models.registry import ModelRegistry
 
-    if model_file is not None:
-        ModelRegistry.load_model_file(model_file)
-    return ModelRegistry.resolve(getattr(hf_config, "architectures", None) or [])
+    return ModelRegistry.resolve(getattr(hf_config, "architectures", None) or [], model_file=model_file)
 
 
 def load_engine_model(engine_config: EngineConfig, model_path: str | Path, model_file: str | Path | None) -> nn.Module:

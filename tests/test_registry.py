@@ -1,5 +1,6 @@
 """ModelRegistry: built-in, lazy string registration, resolve order, errors, entry points, model files."""
 import textwrap
+from pathlib import Path
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -106,3 +107,17 @@ def test_load_model_file_errors(registry, tmp_path):
     broken.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ImportError, match="broken.py failed: RuntimeError: boom"):
         registry.load_model_file(broken)
+
+
+def test_model_file_is_used_for_its_run_without_replacing_the_builtin(tmp_path):
+    """LLM(model_file=converted llama) must not change what a later LLM without model_file resolves to."""
+    import porter.engine.models.llama as hand_written
+
+    path = tmp_path / "my_llama.py"
+    path.write_text(Path(hand_written.__file__).read_text())
+    from_file = reg.ModelRegistry.resolve(["LlamaForCausalLM"], model_file=path)
+    assert from_file is not LlamaForCausalLM and from_file.__name__ == "LlamaForCausalLM"
+    assert reg.ModelRegistry.resolve(["LlamaForCausalLM"]) is LlamaForCausalLM
+    assert reg.ModelRegistry.resolve(["LlamaForCausalLM"], model_file=path) is from_file  # imported once
+    with pytest.raises(reg.UnknownArchitectureError, match="defines LlamaForCausalLM, but config.json's"):
+        reg.ModelRegistry.resolve(["Qwen3ForCausalLM"], model_file=path)

@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 import porter.engine.models.llama as hand_written_llama
 from porter.convert import convert_file
 from porter.verify import checkpoint
-from porter.verify.engine_side import registry_snapshot, resolve_model_class
+from porter.verify.engine_side import resolve_model_class
 from porter.verify.model_source import ModelSource
 from porter.verify.run import VerifyOptions, check_engine, cpu_threads, reference_run
 from porter.verify.tiny import make_tiny_checkpoint
@@ -129,7 +129,7 @@ def shared(tmp_path_factory):
 def _verify_source(shared, text: str, path: Path):
     opts, ckpt, hf_config, ref = shared
     path.write_text(text)
-    with registry_snapshot(), cpu_threads("cpu", ckpt):
+    with cpu_threads("cpu", ckpt):
         cls = resolve_model_class(hf_config, path)
         return check_engine(opts, ckpt, hf_config, cls, ModelSource(path, f"file:{path}"), ref)
 

@@ -175,9 +175,8 @@ def gqa_llama(tmp_path_factory):
 
 def _report_for(source: str, path: Path, ckpt, hf_config):
     path.write_text(source)
-    with engine_side.registry_snapshot():
-        cls = engine_side.resolve_model_class(hf_config, path)
-        model = engine_side.build_model(cls, hf_config, torch.float32, "cpu")
+    cls = engine_side.resolve_model_class(hf_config, path)
+    model = engine_side.build_model(cls, hf_config, torch.float32, "cpu")
     return load_with_report(model, ckpt)
 
 

@@ -20,9 +20,13 @@ _BUILTIN = {"LlamaForCausalLM": "porter.engine.models.llama:LlamaForCausalLM"}
 
 
 class UnknownArchitectureError(ValueError):
-    def __init__(self, architectures: list[str], supported: list[str]):
+    def __init__(self, architectures: list[str], supported: list[str], source: str | None = None):
         self.architectures, self.supported = list(architectures), list(supported)
         asked = ", ".join(self.architectures) if self.architectures else "(config.json lists no architectures)"
+        if source is not None:
+            super().__init__(f"model file {source} defines {', '.join(self.supported)}, but config.json's "
+                             f"architectures are {asked}: convert the modeling file of this checkpoint")
+            return
         super().__init__(
             f"no engine model is registered for {asked}. Registered: {', '.join(self.supported) or 'none'}.\n"
             "Convert the HF modeling code first: `porter convert <modeling_foo.py or model type> -o foo.py`, "
@@ -89,42 +93,64 @@ class _ModelRegistry:
         self._models[arch] = cls
         return cls
 
-    def resolve(self, architectures: list[str] | str) -> type:
-        """The class for the first architecture (in config.json order) that is registered."""
-        self._load_entry_points()
+    def resolve(self, architectures: list[str] | str, model_file: str | Path | None = None) -> type:
+        """The class for the first architecture (in config.json order) that is registered, or, with
+        `model_file`, that the file defines (the registry is left as it was)."""
         if isinstance(architectures, str):
             architectures = [architectures]
+        if model_file is not None:
+            classes = import_model_file(model_file)
+            for arch in architectures or []:
+                if arch in classes:
+                    return classes[arch]
+            raise UnknownArchitectureError(list(architectures or []), list(classes), source=str(model_file))
+        self._load_entry_points()
         for arch in architectures or []:
             if arch in self._models:
                 return self._import(arch)
         raise UnknownArchitectureError(list(architectures or []), self.get_supported_archs())
 
     def load_model_file(self, path: str | Path) -> list[str]:
-        """Import a converted model file and register every engine model class it defines under its
-        class name. Returns the names registered."""
-        path = Path(path).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist")
-        if path.suffix != ".py":
-            raise ValueError(f"model file {path} must be a Python (.py) file")
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-        name = f"porter_model_file_{path.stem.replace('-', '_')}_{digest}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses and typing resolve the module by name while it executes
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            sys.modules.pop(name, None)
-            raise ImportError(f"importing model file {path} failed: {type(e).__name__}: {e}") from e
-        found = [obj for obj in vars(module).values() if looks_like_engine_model(obj, name)]
-        if not found:
-            raise ValueError(
-                f"{path} defines no engine model class (an nn.Module with forward, compute_logits, load_weights "
-                "and __init__(self, *, engine_config, prefix='')); was it produced by `porter convert`?")
-        for cls in found:
-            self.register_model(cls.__name__, cls)
-        return [cls.__name__ for cls in found]
+        """Register every engine model class a converted model file defines, under its class name, for
+        the rest of the process. Returns the names registered. (`resolve(..., model_file=)` uses a file
+        for one lookup without registering anything.)"""
+        classes = import_model_file(path)
+        for name, cls in classes.items():
+            self.register_model(name, cls)
+        return list(classes)
+
+
+_imported: dict[tuple[Path, int], dict[str, type]] = {}
+
+
+def import_model_file(path: str | Path) -> dict[str, type]:
+    """The engine model classes a model file defines, by class name. The file is imported once per
+    modification time, under a module name of its own."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if path.suffix != ".py":
+        raise ValueError(f"model file {path} must be a Python (.py) file")
+    key = (path, path.stat().st_mtime_ns)
+    if key in _imported:
+        return _imported[key]
+    digest = hashlib.sha1(f"{path}:{key[1]}".encode()).hexdigest()[:10]
+    name = f"porter_model_file_{path.stem.replace('-', '_')}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing resolve the module by name while it executes
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise ImportError(f"importing model file {path} failed: {type(e).__name__}: {e}") from e
+    found = {obj.__name__: obj for obj in vars(module).values() if looks_like_engine_model(obj, name)}
+    if not found:
+        raise ValueError(
+            f"{path} defines no engine model class (an nn.Module with forward, compute_logits, load_weights "
+            "and __init__(self, *, engine_config, prefix='')); was it produced by `porter convert`?")
+    _imported[key] = found
+    return found
 
 
 ModelRegistry = _ModelRegistry()

@@ -6,7 +6,6 @@ no scheduler), so a logits difference is the model's, not the runtime's. Greedy 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +26,18 @@ def resolve_model_class(hf_config: PretrainedConfig, model_file: Path | None) ->
     """The engine class for the config's `architectures`: from `model_file` when given, else the registry."""
     from porter.engine.models.registry import ModelRegistry
 
+    architectures = list(getattr(hf_config, "architectures", None) or [])
     if model_file is not None:
         if not model_file.is_file():
             raise VerifyInputError(f"model file {model_file} does not exist")
         try:
-            ModelRegistry.load_model_file(str(model_file))
+            return ModelRegistry.resolve(architectures, model_file=model_file)
         except Exception as exc:  # noqa: BLE001 - a broken model file is the user's input
             raise VerifyInputError(f"cannot load engine model file {model_file}: {type(exc).__name__}: {exc}") from exc
-    architectures = list(getattr(hf_config, "architectures", None) or [])
     try:
-        resolved = ModelRegistry.resolve(architectures)
+        return ModelRegistry.resolve(architectures)
     except Exception as exc:  # noqa: BLE001
         raise VerifyInputError(str(exc)) from exc
-    return resolved[0] if isinstance(resolved, tuple) else resolved
 
 
 def engine_config(hf_config: PretrainedConfig, dtype: torch.dtype, device: str):
@@ -66,22 +64,6 @@ def finish_loading(model: torch.nn.Module) -> None:
         hook = getattr(module, "process_weights_after_loading", None)
         if callable(hook):
             hook()
-
-
-@contextmanager
-def registry_snapshot():
-    """Model files register their classes globally by name; undo that when verify is done, so a faulty
-    file under test cannot replace the built-in class for the rest of the process."""
-    from porter.engine.models.registry import ModelRegistry
-
-    models, explicit = dict(ModelRegistry._models), set(ModelRegistry._explicit)
-    try:
-        yield
-    finally:
-        ModelRegistry._models.clear()
-        ModelRegistry._models.update(models)
-        ModelRegistry._explicit.clear()
-        ModelRegistry._explicit.update(explicit)
 
 
 def flat_batch(prompts: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,7 @@ def verify(opts: VerifyOptions) -> Report:
             ckpt = make_tiny_checkpoint(opts.target, Path(tmp) / "tiny", seed=opts.seed)
         else:
             ckpt = checkpoint.check_dir(opts.target)
-        with engine_side.registry_snapshot(), cpu_threads(opts.device, ckpt):
+        with cpu_threads(opts.device, ckpt):
             report = _run(opts, ckpt, Path(tmp))
         report.seconds = time.perf_counter() - start
         return report
