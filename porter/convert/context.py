@@ -16,16 +16,23 @@ class SourceLines:
     on to the replacement, so later passes still report original line numbers."""
 
     def __init__(self, module: cst.Module):
-        positions = MetadataWrapper(module, unsafe_skip_copy=True).resolve(PositionProvider)
+        self._module = module  # positions are resolved on first use (a tree may be re-indexed unused)
+        self._resolved = False
+
+    def _resolve(self) -> None:
+        positions = MetadataWrapper(self._module, unsafe_skip_copy=True).resolve(PositionProvider)
         # node kept in the value so its id() is never reused while the mapping lives
         self._lines: dict[int, tuple[cst.CSTNode, int]] = {id(n): (n, p.start.line) for n, p in positions.items()}
-        self._source = [line.strip() for line in module.code.splitlines()]
+        self._source = [line.strip() for line in self._module.code.splitlines()]
         self._classes = {n.name.value: (p.start.line, p.end.line) for n, p in positions.items()
                          if isinstance(n, cst.ClassDef)}
+        self._resolved = True
 
     def of(self, node: cst.CSTNode, cls: str | None = None) -> int | None:
         """The node's original line; for a node rebuilt outside a pass, the first source line (inside
         class `cls` when given) whose text starts the node's code."""
+        if not self._resolved:
+            self._resolve()
         hit = self._lines.get(id(node))
         if hit:
             return hit[1]
@@ -45,6 +52,8 @@ class SourceLines:
         return None
 
     def carry(self, old: cst.CSTNode, new: cst.CSTNode) -> None:
+        if not self._resolved:
+            self._resolve()
         hit = self._lines.get(id(old))
         if hit is not None and id(new) not in self._lines:
             self._lines[id(new)] = (new, hit[1])

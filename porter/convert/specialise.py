@@ -206,7 +206,7 @@ class DropDropout(Pass):
     """Dropout is the identity at inference: drop the modules and unwrap their calls."""
 
     name = "specialise"
-    scope = "classes"
+    scope = "classes"  # dropout in any class (the engine never calls .eval())
 
     def visit_Module(self, node: cst.Module) -> None:
         self.dropout_attrs: set[str] = set()
