@@ -12,6 +12,7 @@ from porter.convert.analyse import analyse
 from porter.convert.attention import AttentionCall
 from porter.convert.batch_helpers import BatchOfOneHelpers
 from porter.convert.context import Context, SourceLines
+from porter.convert.engine_activation import engine_activation
 from porter.convert.engine_norms import engine_norms
 from porter.convert.engine_rotary import engine_rotary
 from porter.convert.flatten import FlattenForward
@@ -116,6 +117,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     step("tidy", lambda m: Tidy(ctx, skipped).run(m))
     step("engine_norms", lambda m: engine_norms(m, ctx))
     step("engine_rotary", lambda m: engine_rotary(m, ctx))
+    step("engine_activation", lambda m: engine_activation(m, ctx))
     step("layout", tidy_layout)
     step("header", lambda m: _with_header(m, ctx, filename))
     out = module.code
