@@ -44,6 +44,8 @@ def test_activations():
     torch.testing.assert_close(GeluAndMul("tanh")(x), F.gelu(x[:, :5], approximate="tanh") * x[:, 5:])
     assert isinstance(get_act_and_mul_fn("silu"), SiluAndMul)
     assert get_act_and_mul_fn("gelu_pytorch_tanh").approximate == "tanh"
+    # no fused kernel: HF's own activation, exactly
+    torch.testing.assert_close(get_act_and_mul_fn("relu")(x), F.relu(x[:, :5]) * x[:, 5:], rtol=0, atol=0)
     torch.testing.assert_close(get_act_fn("gelu_pytorch_tanh")(x), F.gelu(x, approximate="tanh"))
     with pytest.raises(ValueError, match="unknown activation 'nope'"):
         get_act_fn("nope")

@@ -76,8 +76,27 @@ _AND_MUL = {
 }
 
 
+class ActAndMul(nn.Module):
+    """`act(gate) * up` over a merged [gate | up] input with HF's own activation module: the exact (unfused)
+    path for activations that have no fused kernel."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return self.act(x[..., :d]) * x[..., d:]
+
+
+def has_fused_act_and_mul(name: str) -> bool:
+    return name in _AND_MUL
+
+
 def get_act_and_mul_fn(name: str) -> nn.Module:
-    """Fused `act(gate) * up` over a merged [gate | up] input, for the gated MLP activations."""
-    if name not in _AND_MUL:
-        raise ValueError(f"no fused act-and-mul for {name!r}; known: {', '.join(sorted(_AND_MUL))}")
-    return _AND_MUL[name]()
+    """`act(gate) * up` over a merged [gate | up] input for any HF activation name: one fused kernel on
+    CUDA for the common gated activations, HF's activation module otherwise (so the choice is made when
+    the model is built, from the checkpoint's config, and a converted model need not know it)."""
+    if name in _AND_MUL:
+        return _AND_MUL[name]()
+    return ActAndMul(get_act_fn(name))

@@ -5,17 +5,14 @@ A class qualifies, judged from its code: __init__ sets `self.A = ACT2FN[KEY]` (A
 transformers.activations) and `self.P = MergedColumnParallelLinear(in, [n, n], ...)` (two equal halves, so
 [gate | up] splits in the middle on every rank); forward does `GU, _ = self.P(...)`, `G, U =
 GU.split(self.P.output_partition_sizes, dim=-1)` (or `GU.chunk(2, dim=-1)`) and uses G and U only in
-`self.A(G) * U`, and nothing outside the class reads A. The swap also needs every value KEY can take to
-have a fused kernel: a string literal, or a config field whose annotation in configuration_*.py (next to
-the modeling file, read as source) is a `Literal[...]` of such names. An open `str` field (any activation
-a checkpoint may name) keeps HF's code, noted.
+`self.A(G) * U`, and nothing outside the class reads A. KEY is a string literal or a config field: the
+engine's `get_act_and_mul_fn` takes any HF activation name (fused kernel where it has one, HF's own
+activation otherwise), so the choice happens when the model is built from the checkpoint's config.
 """
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import libcst as cst
+from transformers.activations import ACT2FN
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import code, dotted, loads, methods, same_code, self_attr
@@ -24,41 +21,6 @@ from porter.convert.engine_imports import add_import, bound_names
 ENGINE_MODULE = "porter.engine.layers.activation"
 ENGINE_NAME = "get_act_and_mul_fn"
 NEW_ATTR = "act_and_mul"
-
-
-def fused(name: str) -> bool:
-    """The engine has a fused act-and-mul for HF activation `name`."""
-    from porter.engine.layers.activation import get_act_and_mul_fn
-
-    try:
-        get_act_and_mul_fn(name)
-    except ValueError:
-        return False
-    return True
-
-
-def config_field_values(filename: str, field: str) -> set[str] | str:
-    """The values configuration_*.py next to `filename` allows for `field` (a `Literal[...]` annotation), or
-    a reason string when it is open or not found."""
-    folder = Path(filename).parent
-    found: set[str] = set()
-    for config_file in sorted(folder.glob("configuration_*.py")) if folder.is_dir() else []:
-        try:
-            tree = ast.parse(config_file.read_text())
-        except SyntaxError:
-            continue
-        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-            for s in cls.body:
-                if not (isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.target.id == field):
-                    continue
-                ann = s.annotation
-                if isinstance(ann, ast.Subscript) and ast.unparse(ann.value) in ("Literal", "typing.Literal"):
-                    elts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
-                    if all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts):
-                        found |= {e.value for e in elts}
-                        continue
-                return f"config field `{field}: {ast.unparse(ann)}` allows any activation name"
-    return found or f"no annotation of config field `{field}` found next to the modeling file"
 
 
 def _act2fn_imported(module: cst.Module) -> bool:
@@ -210,16 +172,11 @@ class EngineActivation(Pass):
         if not _equal_halves(merged_call):
             return "gate_up's two output sizes are not the same expression"
         if isinstance(key, (cst.SimpleString, cst.ConcatenatedString)):
-            values = {key.evaluated_value} if isinstance(key.evaluated_value, str) else set()
-        elif isinstance(key, cst.Attribute):
-            values = config_field_values(self.ctx.filename, key.attr.value)
-            if isinstance(values, str):
-                return values
-        else:
+            name = key.evaluated_value
+            if not isinstance(name, str) or name not in ACT2FN:
+                return f"activation {code(key)} is not one HF's ACT2FN knows"
+        elif not isinstance(key, cst.Attribute):
             return f"activation `{code(key)}` is not a literal or a config field"
-        missing = sorted(v for v in values if not fused(v))
-        if missing or not values:
-            return f"no fused act-and-mul for {missing or 'its value'}"
         return None
 
     def _swap(self, cls, act, key, init_stmt, gate, up, gate_up, split_line) -> cst.ClassDef:
