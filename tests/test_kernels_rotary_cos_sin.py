@@ -83,7 +83,6 @@ def test_engine_dispatches_to_the_kernel_when_forced(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ops, "rotary_cos_sin", lambda *a: calls.append(1) or rotary_cos_sin(*a))
-    monkeypatch.setattr(rotary, "_cos_sin_ops", ops)
     monkeypatch.setattr(rotary, "USE_KERNEL", True)
     kernel_out = apply_rotary_cos_sin(q, k, cos, sin)
     assert calls == [1]

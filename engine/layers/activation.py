@@ -8,35 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from porter.engine.layers.kernel_dispatch import kernel_module, wants_kernel
+
 # None: the Triton kernels for CUDA tensors, torch otherwise. Tests set True (kernels on CPU tensors,
 # under TRITON_INTERPRET=1) or False (torch everywhere).
 USE_KERNEL: bool | None = None
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ops = None
 
 
 def _kernel_input(x: torch.Tensor) -> torch.Tensor | None:
     """x laid out for the kernel, or None where the torch path runs."""
-    on = x.is_cuda if USE_KERNEL is None else USE_KERNEL
-    if not on or x.dtype not in _KERNEL_DTYPES or (torch.is_grad_enabled() and x.requires_grad):
-        return None  # (the kernel has no backward)
+    if not wants_kernel(USE_KERNEL, x):
+        return None
     return x if x.stride(-1) == 1 else x.contiguous()
 
-
-def _kernel_ops():
-    """porter.kernels.activation, imported on first use so the CPU path never needs triton."""
-    global _ops
-    if _ops is None:
-        from porter.kernels import activation
-        _ops = activation
-    return _ops
 
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xk = _kernel_input(x)
         if xk is not None:
-            return _kernel_ops().silu_and_mul(xk)
+            return kernel_module("activation").silu_and_mul(xk)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
@@ -51,7 +42,7 @@ class GeluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xk = _kernel_input(x)
         if xk is not None:
-            return _kernel_ops().gelu_and_mul(xk, self.approximate)
+            return kernel_module("activation").gelu_and_mul(xk, self.approximate)
         d = x.shape[-1] // 2
         return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]
 

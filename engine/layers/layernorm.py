@@ -13,23 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from porter.engine.layers.kernel_dispatch import kernel_module, wants_kernel
 from porter.engine.layers.linear import make_param
 from porter.engine.weight_utils import default_weight_loader
 
-# None: the Triton kernel for CUDA tensors, torch otherwise. Tests set True (kernel on CPU tensors,
-# under TRITON_INTERPRET=1) or False (torch everywhere).
+# see porter.engine.layers.kernel_dispatch
 USE_KERNEL: bool | None = None
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ops = None
 
-
-def _kernel_ops():
-    """porter.kernels.rmsnorm, imported on first use so the CPU path never needs triton."""
-    global _ops
-    if _ops is None:
-        from porter.kernels import rmsnorm
-        _ops = rmsnorm
-    return _ops
 
 
 class RMSNorm(nn.Module):
@@ -55,17 +45,14 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
     def _use_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        on = x.is_cuda if USE_KERNEL is None else USE_KERNEL
-        if not on or self.weight is None or self.unit_offset or x.dtype not in _KERNEL_DTYPES:
+        if self.weight is None or self.unit_offset or not wants_kernel(USE_KERNEL, x):
             return False
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False  # the kernel has no backward
         # the kernel adds same-shape, same-dtype residuals only (torch broadcasts and promotes)
         return residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if self._use_kernel(x, residual):
-            ops = _kernel_ops()
+            ops = kernel_module("rmsnorm")
             x = x if x.stride(-1) == 1 else x.contiguous()  # 3-D per-head views reshape to rows inside
             if residual is None:
                 return ops.rms_norm(x, self.weight, self.eps)

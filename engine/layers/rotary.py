@@ -19,23 +19,13 @@ import torch
 from torch import nn
 
 from porter.engine.config import get_current_engine_config
+from porter.engine.layers.kernel_dispatch import kernel_module, wants_kernel
 
 _cache: dict[tuple, "RotaryEmbedding"] = {}
 
-# None: the Triton kernel for CUDA tensors, torch otherwise. Tests set True (kernel on CPU tensors,
-# under TRITON_INTERPRET=1) or False (torch everywhere).
+# see porter.engine.layers.kernel_dispatch
 USE_KERNEL: bool | None = None
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ops = None
 
-
-def _kernel_ops():
-    """porter.kernels.rotary, imported on first use so the CPU path never needs triton."""
-    global _ops
-    if _ops is None:
-        from porter.kernels import rotary
-        _ops = rotary
-    return _ops
 
 
 def _rows(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -120,11 +110,7 @@ class RotaryEmbedding(nn.Module):
         return out.reshape(shape)
 
     def _use_kernel(self, query: torch.Tensor, key: torch.Tensor | None) -> bool:
-        on = query.is_cuda if USE_KERNEL is None else USE_KERNEL
-        tensors = (query,) if key is None else (query, key)
-        if not on or any(t.dtype not in _KERNEL_DTYPES for t in tensors):
-            return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # no backward
+        return wants_kernel(USE_KERNEL, query) if key is None else wants_kernel(USE_KERNEL, query, key)
 
     def _forward_kernel(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None):
         t = positions.numel()
@@ -132,7 +118,7 @@ class RotaryEmbedding(nn.Module):
             return query, key
         q = _rows(query, t)
         k = _rows(key, t) if key is not None else q[:, :0]  # no key heads: nothing to rotate
-        _kernel_ops().apply_rotary(positions.contiguous(), q, k, self.cos_sin_cache, self.head_size,
+        kernel_module("rotary").apply_rotary(positions.contiguous(), q, k, self.cos_sin_cache, self.head_size,
                                    self.is_neox_style)
         return q.view(query.shape), (None if key is None else k.view(key.shape))
 
@@ -196,9 +182,6 @@ def get_rope(head_size: int, max_position: int, is_neox_style: bool = True, rope
     return rope
 
 
-_cos_sin_ops = None
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -208,20 +191,13 @@ def apply_rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     """HF's rotate-half apply (`q * cos + rotate_half(q) * sin`, cos/sin unsqueezed at dim 1) over flat
     batches: q/k [T, heads, head_dim], cos/sin [T, rot_dim]; only the first rot_dim dims rotate. Returns new
     tensors. On CUDA one Triton launch rotates q and k; on CPU it is HF's torch expression (bit-exact)."""
-    global _cos_sin_ops
     if q.dim() != 3 or k.dim() != 3 or cos.dim() != 2 or sin.shape != cos.shape or \
             not q.shape[0] == k.shape[0] == cos.shape[0] or q.shape[-1] != k.shape[-1] or \
             cos.shape[-1] > q.shape[-1] or cos.shape[-1] % 2:
         raise ValueError(f"apply_rotary_cos_sin: expected q/k [T, heads, D] and cos/sin [T, R<=D, R even], got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    on = q.is_cuda if USE_KERNEL is None else USE_KERNEL
-    tensors = (q, k, cos, sin)
-    if on and all(t.dtype in _KERNEL_DTYPES for t in tensors) and \
-            not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        if _cos_sin_ops is None:
-            from porter.kernels import rotary_cos_sin
-            _cos_sin_ops = rotary_cos_sin
-        return _cos_sin_ops.rotary_cos_sin(q, k, cos, sin)
+    if wants_kernel(USE_KERNEL, q, k, cos, sin):
+        return kernel_module("rotary_cos_sin").rotary_cos_sin(q, k, cos, sin)
     rot = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if rot == q.shape[-1]:  # HF's exact expression
