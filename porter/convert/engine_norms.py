@@ -16,6 +16,7 @@ import libcst as cst
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import code, dotted, loads, methods, param_names, self_attr
+from porter.convert.engine_imports import add_import
 
 ENGINE_MODULE = "porter.engine.layers.layernorm"
 _MODULE_BASES = {"nn.Module", "torch.nn.Module"}
@@ -340,7 +341,7 @@ class EngineNorms(Pass):
                 if not used[name]:
                     continue
             body.append(s)
-        return _add_import(module.with_changes(body=body), engine_name)
+        return add_import(module.with_changes(body=body), ENGINE_MODULE, "RMSNorm", engine_name)
 
     def _blocked(self, module: cst.Module, cls: cst.ClassDef) -> str | None:
         """Why swapping would change behaviour elsewhere: the class named other than in calls (isinstance,
@@ -405,26 +406,6 @@ def _foreign_attr_reads(module: cst.Module) -> set[str]:
 
     module.visit(V())
     return out
-
-
-def _add_import(module: cst.Module, engine_name: str) -> cst.Module:
-    alias = f"RMSNorm as {engine_name}" if engine_name != "RMSNorm" else "RMSNorm"
-    new = cst.parse_statement(f"from {ENGINE_MODULE} import {alias}\n")
-    body = list(module.body)
-    imports = [i for i, s in enumerate(body) if isinstance(s, cst.SimpleStatementLine)
-               and isinstance(s.body[0], (cst.Import, cst.ImportFrom))]
-    ours = [i for i in imports if isinstance(body[i].body[0], cst.ImportFrom)
-            and (dotted(body[i].body[0].module) or "").startswith("porter.")]
-    if ours:  # keep the porter block sorted by module
-        at = next((i for i in ours if dotted(body[i].body[0].module) > ENGINE_MODULE), ours[-1] + 1)
-        if at == ours[0]:
-            new = new.with_changes(leading_lines=body[at].leading_lines)
-            body[at] = body[at].with_changes(leading_lines=[])
-    else:
-        at = imports[-1] + 1 if imports else 0
-        new = new.with_changes(leading_lines=[cst.EmptyLine()] if imports else [])
-    body.insert(at, new)
-    return module.with_changes(body=body)
 
 
 def engine_norms(module: cst.Module, ctx) -> cst.Module:
