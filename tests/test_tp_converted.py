@@ -34,11 +34,9 @@ def start_converted(ckpt: Path, model_file: Path, tp: int):
                max_model_len=64, num_kv_blocks=16, max_num_seqs=4)
 
 
-@pytest.mark.parametrize("model_type, hf_class, config", [
-    ("qwen2", Qwen2ForCausalLM, Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
-    ("gpt_neox", GPTNeoXForCausalLM, GPTNeoXConfig(**SMALL, rotary_pct=0.5)),
-])
-def test_converted_model_tp2_matches_tp1(tmp_path, model_type, hf_class, config):
+def tp2_matches_tp1(tmp_path, model_type, hf_class, config) -> tuple[dict, dict]:
+    """Save a tiny HF model, convert its modeling file, generate at TP=1 and TP=2 and assert the same
+    output. Returns the parameter shapes at TP=1 and on rank 0 at TP=2 (both ranks checked equal)."""
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt"
     hf_class(config).save_pretrained(ckpt)
@@ -53,12 +51,21 @@ def test_converted_model_tp2_matches_tp1(tmp_path, model_type, hf_class, config)
     finally:
         llm.runner.shutdown()
     assert per_rank[0] == per_rank[1] and per_rank[0].keys() == full.keys()
+    return full, per_rank[0]
+
+
+@pytest.mark.parametrize("model_type, hf_class, config", [
+    ("qwen2", Qwen2ForCausalLM, Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
+    ("gpt_neox", GPTNeoXForCausalLM, GPTNeoXConfig(**SMALL, rotary_pct=0.5)),
+])
+def test_converted_model_tp2_matches_tp1(tmp_path, model_type, hf_class, config):
+    full, rank0 = tp2_matches_tp1(tmp_path, model_type, hf_class, config)
     # something really is split: at least the vocabulary (128 padded rows -> 64 per rank)
-    split = sorted(n for n in full if per_rank[0][n] != full[n])
+    split = sorted(n for n in full if rank0[n] != full[n])
     assert split, f"no parameter of the converted {model_type} is sharded"
     if model_type == "qwen2":  # GQA: 4 q heads and 2 kv heads of 8 -> 2 q heads and 1 kv head per rank
         qkv = next(n for n in full if n.endswith("layers.0.self_attn.qkv_proj.weight"))
-        assert full[qkv][0] == 8 * 8 and per_rank[0][qkv][0] == 4 * 8
+        assert full[qkv][0] == 8 * 8 and rank0[qkv][0] == 4 * 8
 
 
 def test_custom_remote_code_model_tp2_matches_tp1():
