@@ -284,3 +284,14 @@ def with_params(params: cst.Parameters, keep: list[cst.Param]) -> cst.Parameters
                                          isinstance(last.comma.whitespace_after, cst.ParenthesizedWhitespace)
                                          else cst.MaybeSentinel.DEFAULT)
     return params.with_changes(params=keep, star_arg=cst.MaybeSentinel.DEFAULT, kwonly_params=[], star_kwarg=None)
+
+
+def fold_if(node: cst.If, truth: bool):
+    """What an `if` whose test is the constant `truth` folds to: its body, its else part, or nothing."""
+    if truth:
+        return cst.FlattenSentinel(node.body.body)
+    if node.orelse is None:
+        return cst.RemoveFromParent()
+    if isinstance(node.orelse, cst.If):
+        return node.orelse
+    return cst.FlattenSentinel(node.orelse.body.body)

@@ -6,19 +6,23 @@ import libcst as cst
 from porter.convert.cst_util import code, dotted
 
 
-def bound_names(module: cst.Module) -> set[str]:
-    """Names the module's top-level statements bind (defs, classes, imports, plain assignments)."""
+def statement_names(stmt: cst.CSTNode) -> set[str]:
+    """Names one top-level statement binds (a def, a class, imports, plain assignments)."""
+    if isinstance(stmt, (cst.ClassDef, cst.FunctionDef)):
+        return {stmt.name.value}
     out: set[str] = set()
-    for stmt in module.body:
-        if isinstance(stmt, (cst.ClassDef, cst.FunctionDef)):
-            out.add(stmt.name.value)
-        elif isinstance(stmt, cst.SimpleStatementLine):
-            for s in stmt.body:
-                if isinstance(s, (cst.Import, cst.ImportFrom)) and not isinstance(s.names, cst.ImportStar):
-                    out |= {code(a.asname.name) if a.asname else code(a.name).split(".")[0] for a in s.names}
-                elif isinstance(s, cst.Assign):
-                    out |= {t.target.value for t in s.targets if isinstance(t.target, cst.Name)}
+    if isinstance(stmt, cst.SimpleStatementLine):
+        for s in stmt.body:
+            if isinstance(s, (cst.Import, cst.ImportFrom)) and not isinstance(s.names, cst.ImportStar):
+                out |= {code(a.asname.name) if a.asname else code(a.name).split(".")[0] for a in s.names}
+            elif isinstance(s, cst.Assign):
+                out |= {t.target.value for t in s.targets if isinstance(t.target, cst.Name)}
     return out
+
+
+def bound_names(module: cst.Module) -> set[str]:
+    """Names the module's top-level statements bind."""
+    return set().union(*(statement_names(stmt) for stmt in module.body))
 
 
 def add_import(module: cst.Module, engine_module: str, name: str, alias: str | None = None) -> cst.Module:

@@ -16,7 +16,7 @@ import libcst as cst
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import code, dotted, loads, methods, param_names, self_attr
-from porter.convert.engine_imports import add_import
+from porter.convert.engine_imports import add_import, statement_names
 
 ENGINE_MODULE = "porter.engine.layers.layernorm"
 _MODULE_BASES = {"nn.Module", "torch.nn.Module"}
@@ -322,7 +322,7 @@ class EngineNorms(Pass):
             norms[name] = (param_names(methods(cls)["__init__"])[1:], hidden, eps, default, offset)
         if not norms:
             return module
-        defined = {n for s in module.body for n in _bound_names(s)}
+        defined = {n for s in module.body for n in statement_names(s)}
         engine_name = "RMSNorm" if "RMSNorm" not in defined - set(norms) else "EngineRMSNorm"
         v = _Constructions(norms, engine_name)
         try:
@@ -358,19 +358,6 @@ class EngineNorms(Pass):
         if own & read:
             return f"its attribute(s) {sorted(own & read)} are read from outside"
         return None
-
-
-def _bound_names(stmt) -> set[str]:
-    if isinstance(stmt, (cst.ClassDef, cst.FunctionDef)):
-        return {stmt.name.value}
-    out = set()
-    if isinstance(stmt, cst.SimpleStatementLine):
-        for s in stmt.body:
-            if isinstance(s, (cst.Import, cst.ImportFrom)) and not isinstance(s.names, cst.ImportStar):
-                out |= {code(a.asname.name) if a.asname else code(a.name).split(".")[0] for a in s.names}
-            elif isinstance(s, cst.Assign):
-                out |= {t.target.value for t in s.targets if isinstance(t.target, cst.Name)}
-    return out
 
 
 class _CallCount(cst.CSTVisitor):

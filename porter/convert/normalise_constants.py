@@ -17,7 +17,7 @@ from collections import Counter
 import libcst as cst
 
 from porter.convert.context import Context, Pass
-from porter.convert.cst_util import code, init_assignments, self_attr, target_names
+from porter.convert.cst_util import code, fold_if, init_assignments, self_attr, target_names
 
 _LITERALS = {"True": True, "False": False, "None": None}
 _IMPLEMENTATION_TEST = re.compile(r"_attn_implementation\s*[!=]=|[!=]=\s*\S*_attn_implementation\b")
@@ -205,13 +205,7 @@ class _Fold(Pass):
         v = _literal(updated.test)
         if v is None:
             return updated
-        if _LITERALS[v]:
-            return cst.FlattenSentinel(updated.body.body)
-        if updated.orelse is None:
-            return cst.RemoveFromParent()
-        if isinstance(updated.orelse, cst.If):
-            return updated.orelse
-        return cst.FlattenSentinel(updated.orelse.body.body)
+        return fold_if(updated, bool(_LITERALS[v]))
 
 
 def normalise_constants(module: cst.Module, ctx: Context, facts=()) -> cst.Module:

@@ -14,6 +14,7 @@ from porter.convert.context import Context, Pass
 from porter.convert.cst_util import (
     code,
     dotted,
+    fold_if,
     init_assignments,
     is_pure,
     loads,
@@ -190,13 +191,7 @@ class InferenceFacts(Pass):
             if v:
                 return cst.Else(body=updated.body)
             return updated.orelse if updated.orelse is not None else cst.RemoveFromParent()
-        if v:
-            return cst.FlattenSentinel(updated.body.body)
-        if updated.orelse is None:
-            return cst.RemoveFromParent()
-        if isinstance(updated.orelse, cst.If):
-            return updated.orelse
-        return cst.FlattenSentinel(updated.orelse.body.body)
+        return fold_if(updated, bool(v))
 
     def leave_IndentedBlock(self, original, updated):
         return updated.with_changes(body=_block_body(updated.body)) if not updated.body else updated
