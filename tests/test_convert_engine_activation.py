@@ -1,14 +1,13 @@
 """engine_activation: a converted gated MLP's `self.act_fn(gate) * up` becomes the engine's fused
 act-and-mul on gate_up (fused kernel where the engine has one, HF's activation otherwise, chosen at build
 time); look-alikes and other uses keep HF's code, noted. The swapped MLP equals HF's."""
-import libcst as cst
 import pytest
 import torch
 
-from porter.convert.context import Context, SourceLines
 from porter.convert.engine_activation import engine_activation
-from porter.convert.report import Report
 from porter.engine.config import EngineConfig, set_current_engine_config
+
+from convert_pass_helpers import run_pass
 
 HEAD = '''import torch
 from torch import nn
@@ -46,11 +45,7 @@ SWAPPED_HEAD = HEAD.replace("from transformers.activations import ACT2FN\n\n", "
 
 
 def run(source: str, filename: str = "m.py"):
-    module = cst.parse_module(source)
-    ctx = Context(filename=filename, report=Report(filename), lines=SourceLines(module), package=None)
-    out = engine_activation(module, ctx)
-    assert not ctx.report.refusals
-    return out.code, [c.message for c in ctx.report.changes]
+    return run_pass(engine_activation, source, filename)
 
 
 def swapped(key: str) -> str:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import ast
 
-import libcst as cst
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from porter.convert import convert_file
-from porter.convert.context import Context, SourceLines
 from porter.convert.engine_norms import engine_norms
-from porter.convert.layout import tidy_layout
-from porter.convert.report import Report
 from porter.convert.source import resolve_source
 from porter.engine.config import EngineConfig, set_current_engine_config
 from porter.engine.forward_context import AttentionMetadata, set_forward_context
 from porter.engine.layers.layernorm import RMSNorm
 from porter.engine.weight_utils import iterate_safetensors
+
+from convert_pass_helpers import run_pass
 
 from test_convert_models import PROMPT_LENS, load_module, tiny_config
 
@@ -70,11 +68,7 @@ HEAD = "import torch\nfrom torch import nn\n\nfrom porter.engine.layers.linear i
 
 
 def run(source: str):
-    module = cst.parse_module(source)
-    ctx = Context(filename="m.py", report=Report("m.py"), lines=SourceLines(module), package=None)
-    out = engine_norms(module, ctx)
-    assert not ctx.report.refusals
-    return out.code, [c.message for c in ctx.report.changes]
+    return run_pass(engine_norms, source)
 
 
 def llama(final: str = "self.weight * hidden_states.to(input_dtype)") -> str:
@@ -160,11 +154,9 @@ def test_engine_norm_equals_hf_norm_bit_for_bit_on_cpu(name, unit_offset, dtype)
 
 
 def convert_with_engine_norms(model_type: str, path) -> tuple[object, str]:
-    """The converted file with the pass applied (a no-op once the pipeline runs it itself)."""
+    """The converted file (the pipeline runs engine_norms)."""
     result = convert_file(resolve_source(model_type)[0], model_type=model_type)
-    module = cst.parse_module(result.code)
-    ctx = Context(filename="m.py", report=Report("m.py"), lines=SourceLines(module), package=None)
-    path.write_text(tidy_layout(engine_norms(module, ctx)).code)
+    path.write_text(result.code)
     return load_module(path, f"porter_test_norms_{model_type}"), result.architecture
 
 

@@ -1,12 +1,11 @@
 """engine_rotary: HF's rotate-half apply (judged by its math) becomes the engine apply_rotary_cos_sin at its
 call sites; look-alikes (casts, partial slicing, interleaved rotate_half, other unsqueeze dims) are kept and
 noted; converted dev-set files use the engine function and still match HF."""
-import libcst as cst
 import pytest
 
-from porter.convert.context import Context, SourceLines
 from porter.convert.engine_rotary import engine_rotary
-from porter.convert.report import Report
+
+from convert_pass_helpers import run_pass
 
 HEAD = "import torch\nfrom torch import nn\n\nfrom porter.engine.layers.linear import RowParallelLinear\n\n\n"
 
@@ -36,11 +35,7 @@ CALL = "apply_rotary_pos_emb(q, k, cos, sin)"
 
 
 def run(source: str):
-    module = cst.parse_module(source)
-    ctx = Context(filename="m.py", report=Report("m.py"), lines=SourceLines(module), package=None)
-    out = engine_rotary(module, ctx)
-    assert not ctx.report.refusals
-    return out.code, [c.message for c in ctx.report.changes]
+    return run_pass(engine_rotary, source)
 
 
 def source(rotate=ROTATE_HALF, apply=APPLY, call=CALL) -> str:
