@@ -65,6 +65,20 @@ def test_rms_norm_and_fused_add(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_reads_per_head_rows_of_a_fused_projection_in_place(dtype):
+    gen = torch.Generator().manual_seed(3)
+    t, hq, hk, d = 5, 4, 2, 32
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=gen).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype).to(DEVICE)
+    k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)  # rows strided in two levels: no flat view exists
+    assert k.stride(0) != hk * k.stride(1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    out = rms_norm(k, w, 1e-6)
+    assert out.shape == (t, hk, d) and out.is_contiguous()
+    torch.testing.assert_close(out, rms_norm_ref(k.contiguous(), w, 1e-6), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_activations(dtype):
     gen = torch.Generator().manual_seed(2)
     x = (3 * torch.randn(4, 2, 2 * 200, generator=gen)).to(dtype).to(DEVICE)  # 200 spans 2 blocks
