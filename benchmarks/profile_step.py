@@ -1,11 +1,13 @@
-"""Where a decode step's time goes on the GPU: host (cProfile of the engine loop) and device (torch profiler).
+"""Where a step's time goes on the GPU: host (cProfile of the engine loop) and device (torch profiler).
 
     python benchmarks/profile_step.py --model-file q.py [--batch 1] [--tokens 128]
+    python benchmarks/profile_step.py --model-file q.py --requests 64   # bench_e2e's workload, by step kind
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import collections
 import pstats
 import tempfile
 import time
@@ -13,7 +15,37 @@ from pathlib import Path
 
 import torch
 
-from bench_e2e import make_checkpoint
+from bench_e2e import make_checkpoint, workload
+
+
+def steps_by_kind(llm, prompts, params) -> None:
+    """Time every engine step (synchronised) and sum by kind: graph decode, eager decode, prefill/mixed."""
+    runner, sums = llm.runner, collections.defaultdict(lambda: [0, 0.0, 0])
+    execute = runner.execute
+
+    def timed_execute(step):
+        kind = "prefill/mixed" if any(len(t) > 1 for t in step.new_token_ids) else "decode"
+        if kind == "decode" and runner.graphs is not None and len(step.seq_ids) <= runner.graphs.sizes[-1]:
+            kind = "decode (graph)"
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = execute(step)
+        torch.cuda.synchronize()
+        entry = sums[kind]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t0
+        entry[2] += sum(len(t) for t in step.new_token_ids)
+        return out
+
+    runner.execute = timed_execute
+    t0 = time.perf_counter()
+    llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    runner.execute = execute
+    in_steps = sum(e[1] for e in sums.values())
+    print(f"wall {wall:.3f} s, in execute {in_steps:.3f} s, engine host outside execute {wall - in_steps:.3f} s")
+    for kind, (n, secs, toks) in sorted(sums.items()):
+        print(f"  {kind:>15}: {n:5d} steps {secs:7.3f} s  {secs / n * 1e3:7.3f} ms/step  {toks / n:8.1f} tokens/step")
 
 
 def main() -> None:
@@ -21,33 +53,43 @@ def main() -> None:
     ap.add_argument("--model-file", required=True)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=None, help="profile bench_e2e's workload of N requests")
+    ap.add_argument("--kinds-only", action="store_true", help="with --requests: the step-kind table only")
     args = ap.parse_args()
     from porter.engine import LLM, SamplingParams
 
+    seats = args.requests or max(8, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         make_checkpoint(ckpt)
         llm = LLM(model=str(ckpt), model_file=args.model_file, dtype="bfloat16", device="cuda",
-                  max_num_seqs=max(8, args.batch), max_model_len=1024, skip_tokenizer_init=True)
-    prompts = [[7] * 128] * args.batch
-    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    print(f"batch {args.batch}: {(time.perf_counter() - t0) / args.tokens * 1e3:.3f} ms per step (incl. prefill)")
-    graphs = getattr(llm.runner, "graphs", None)
-    print("graph replays:", getattr(graphs, "num_replays", None))
+                  max_num_seqs=min(seats, 256), max_model_len=1024, skip_tokenizer_init=True)
+    if args.requests:
+        prompts, olens = workload(args.requests)
+        params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in olens]
+        llm.generate(prompts[:4], params[:4])
+        steps_by_kind(llm, prompts, params)
+        if args.kinds_only:
+            return
+    else:
+        prompts = [[7] * 128] * args.batch
+        params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        print(f"batch {args.batch}: {(time.perf_counter() - t0) / args.tokens * 1e3:.3f} ms per step (incl. prefill)")
     prof = cProfile.Profile()
     prof.enable()
     llm.generate(prompts, params)
     prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as p:
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        llm.generate(prompts, params if args.requests else SamplingParams(temperature=0, max_tokens=16,
+                                                                          ignore_eos=True))
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
 
 
 if __name__ == "__main__":
