@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterator, Sequence as SequenceABC
+from collections.abc import Callable, Iterator, Sequence as SequenceABC
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from porter.engine.sequence import Sequence
 from porter.engine.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 from porter.engine.tp_check import check_tp_splittable
 from porter.engine.tp_runner import TensorParallelRunner
+from porter.engine.worker import to_cpu
 
 DEFAULT_MAX_MODEL_LEN = 8192  # cap on the config's context length when max_model_len is not given
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -187,10 +189,42 @@ class LLM:
         return max(1, cfg.max_num_seqs // 8) if graphs else 1
 
     def model_parameters(self):
-        """The in-process model's parameters (benchmarks count weight bytes with it; TP=1 only)."""
+        """The in-process model's parameters (TP=1 only: under TP the model lives in the workers; use
+        `weight_bytes()` / `weight_bytes_per_rank()` or `collective_rpc`)."""
         if not isinstance(self.runner, ModelRunner):
-            raise NotImplementedError("model_parameters() needs tensor_parallel_size=1 (the model lives in workers)")
+            raise NotImplementedError("model_parameters() needs tensor_parallel_size=1 (the model lives in workers); "
+                                      "use weight_bytes() or collective_rpc()")
         return self.runner.model.parameters()
+
+    def collective_rpc(self, method: str | Callable, args: tuple = (), kwargs: dict | None = None,
+                       rank0_only: bool = False) -> list:
+        """Run `method(runner, *args, **kwargs)` (or the runner method of that name) on every rank's
+        ModelRunner and return the results in rank order (one item at TP=1, or with `rank0_only`).
+        Under TP the function runs in the worker processes, so it must be picklable (module level);
+        results come back on the CPU either way."""
+        if isinstance(self.runner, ModelRunner):
+            fn = getattr(self.runner, method) if isinstance(method, str) else partial(method, self.runner)
+            return [to_cpu(fn(*args, **(kwargs or {})))]
+        return self.runner.collective_rpc(method, args, kwargs, rank0_only=rank0_only)
+
+    def weight_bytes_per_rank(self) -> list[int]:
+        """Bytes of model weights each rank holds. Under TP the sum exceeds the TP=1 size by what is
+        replicated rather than split: norms and other vectors every rank keeps whole, biases of
+        row-parallel layers, KV-head projections when there are fewer KV heads than ranks, and
+        replicated linears; the vocabulary padding can also grow (padded to a multiple of 64 * ranks)."""
+        return self.collective_rpc(rank_weight_bytes)
+
+    def weight_bytes(self) -> int:
+        """Bytes of model weights over all ranks (a tensor shared by several parameters, e.g. a tied
+        embedding and LM head, counts once per rank). A batch-1 decode step reads each rank's share in
+        parallel, so its bandwidth floor is max(weight_bytes_per_rank()) / bandwidth."""
+        return sum(self.weight_bytes_per_rank())
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers now (they also stop when the LLM is garbage-collected)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -298,3 +332,12 @@ def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, SequenceABC):
         return list(prompts)
     raise ValueError(f"prompts must be a string, a token-id list, or a list of them; got {type(prompts).__name__}")
+
+
+def rank_weight_bytes(runner) -> int:
+    """One rank's weight bytes. `parameters()` yields a shared Parameter once; tensors that are distinct
+    Parameters over the same memory are also counted once (by data pointer)."""
+    sizes: dict[int, int] = {}
+    for p in runner.model.parameters():
+        sizes[p.data_ptr()] = max(sizes.get(p.data_ptr(), 0), p.numel() * p.element_size())
+    return sum(sizes.values())

@@ -36,5 +36,12 @@ class TensorParallelRunner:
         """ModelRunner.execute on every rank; rank 0's (tokens, logprobs)."""
         return self.executor.execute("execute", step)
 
+    def collective_rpc(self, method, args=(), kwargs=None, rank0_only: bool = False) -> list:
+        """`method(runner, *args, **kwargs)` (or a runner method by name) on every rank; every rank's
+        result, or only rank 0's (a one-item list) when the others would send the same data again."""
+        if rank0_only:
+            return [self.executor.execute(method, *args, **(kwargs or {}))]
+        return self.executor.collective_rpc(method, *args, **(kwargs or {}))
+
     def shutdown(self) -> None:
         self.executor.shutdown()

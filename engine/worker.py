@@ -71,14 +71,14 @@ def resolve_factory(factory: Callable[..., Any] | str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attr)
 
 
-def _to_cpu(obj):
+def to_cpu(obj):
     """Results cross to the parent on the CPU: a CUDA tensor would initialise CUDA there."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(o) for o in obj)
+        return type(obj)(to_cpu(o) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     return obj
 
 
@@ -148,4 +148,4 @@ def _serve(runner, conn) -> None:
         except Exception:
             send(conn, ("error", traceback.format_exc()))
             continue
-        send(conn, ("ok", _to_cpu(result) if want_result else None))
+        send(conn, ("ok", to_cpu(result) if want_result else None))
