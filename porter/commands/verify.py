@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="seed of the prompts and the tiny checkpoint"),
         builtin: bool = typer.Option(False, "--builtin", help="test the registry's engine model, do not convert"),
         localise: bool = typer.Option(False, "--localise", help="run the module-by-module comparison even on parity"),
+        tp: int = typer.Option(1, "--tp", help="tensor-parallel size of the engine side: N worker processes "
+                                               "(gloo on CPU, NCCL on CUDA, one GPU per rank)"),
     ) -> None:
         """Check the engine against HF transformers on the same weights: prefill logits, greedy tokens,
         logprobs, the weight report; on a mismatch name the first module that diverges.
@@ -41,7 +43,7 @@ def register(app: typer.Typer) -> None:
         opts = VerifyOptions(
             target=target, model_file=model_file.resolve() if model_file else None, tiny=tiny, dtype=dtype,
             device=device, prompts=prompts, max_tokens=max_tokens, atol=atol, num_logprobs=logprobs, seed=seed,
-            builtin=builtin, always_localise=localise,
+            builtin=builtin, always_localise=localise, tp=tp,
         )
         try:
             report = run_verify(opts)

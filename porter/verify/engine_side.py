@@ -15,6 +15,8 @@ from transformers import PretrainedConfig
 from porter.verify.checkpoint import is_custom
 from porter.verify.errors import VerifyInputError
 
+BLOCK_SIZE = 16
+
 
 @dataclass
 class EngineGreedy:
@@ -73,32 +75,40 @@ def flat_batch(prompts: list[list[int]], device: str) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def prefill_logits(model: torch.nn.Module, prompts: list[list[int]], device: str) -> torch.Tensor:
-    """[total prompt tokens, vocab] fp32 logits over the flat ragged batch."""
+def prefill_logits(model: torch.nn.Module, prompts: list[list[int]], device: str | torch.device,
+                   config=None) -> torch.Tensor:
+    """[total prompt tokens, vocab] fp32 logits over the flat ragged batch. `config`: the engine config
+    the model was built with (default: `model.engine_config`, which build_model sets)."""
     from porter.engine.config import set_current_engine_config
     from porter.engine.forward_context import AttentionMetadata, set_forward_context
 
     ids, positions = flat_batch(prompts, device)
     meta = AttentionMetadata.for_prefill([len(p) for p in prompts], device=device)
-    with set_current_engine_config(model.engine_config), set_forward_context(meta):
+    with set_current_engine_config(config or model.engine_config), set_forward_context(meta):
         hidden = model(input_ids=ids, positions=positions)
         logits = model.compute_logits(hidden)
     return logits.float().cpu()
 
 
-def greedy(
-    ckpt: Path, model_file: Path | None, dtype: torch.dtype, device: str,
-    prompts: list[list[int]], max_tokens: int, num_logprobs: int,
-) -> list[EngineGreedy]:
-    """All prompts in one `LLM.generate` call (one engine batch), temperature 0, EOS ignored."""
-    from porter.engine import LLM, SamplingParams
+def start_llm(ckpt: Path, model_file: Path | None, dtype: torch.dtype, device: str, prompts: list[list[int]],
+              max_tokens: int, tp: int = 1):
+    """The engine LLM sized for the verify batch: every prompt fits at once, KV blocks for exactly that
+    (no GPU memory profiling, so N ranks next to the HF reference do not compete for memory)."""
+    from porter.engine import LLM
 
-    llm = LLM(
+    max_model_len = max(len(p) for p in prompts) + max_tokens + 16
+    return LLM(
         model=str(ckpt), model_file=str(model_file) if model_file else None,
-        dtype=dtype, device=device, max_num_seqs=max(len(prompts), 1),
-        max_model_len=max(len(p) for p in prompts) + max_tokens + 16,
+        dtype=dtype, device=device, max_num_seqs=max(len(prompts), 1), max_model_len=max_model_len,
+        block_size=BLOCK_SIZE, num_kv_blocks=len(prompts) * -(-max_model_len // BLOCK_SIZE), tensor_parallel_size=tp,
         skip_tokenizer_init=True, trust_remote_code=is_custom(ckpt),
     )
+
+
+def generate_greedy(llm, prompts: list[list[int]], max_tokens: int, num_logprobs: int) -> list[EngineGreedy]:
+    """All prompts in one `LLM.generate` call (one engine batch), temperature 0, EOS ignored."""
+    from porter.engine import SamplingParams
+
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=num_logprobs, ignore_eos=True)
     outputs = llm.generate([list(p) for p in prompts], params)
     results = []
@@ -107,3 +117,12 @@ def greedy(
         logprobs = [{int(t): float(getattr(v, "logprob", v)) for t, v in step.items()} for step in completion.logprobs]
         results.append(EngineGreedy(list(completion.token_ids), logprobs))
     return results
+
+
+def greedy(
+    ckpt: Path, model_file: Path | None, dtype: torch.dtype, device: str,
+    prompts: list[list[int]], max_tokens: int, num_logprobs: int,
+) -> list[EngineGreedy]:
+    """Greedy decoding on a one-rank engine LLM."""
+    llm = start_llm(ckpt, model_file, dtype, device, prompts, max_tokens)
+    return generate_greedy(llm, prompts, max_tokens, num_logprobs)

@@ -319,11 +319,19 @@ def blame(points: list[dict]) -> dict | None:
 def localise(engine_model, hf_model, prompts: list[list[int]], device: str, dtype: torch.dtype,
              hf_fp32_model=None) -> dict:
     """Module-by-module comparison; `hf_fp32_model` (low-precision runs) switches to error ratios."""
+    engine = capture_engine(engine_model, prompts, device)
+    packed = getattr(engine_model, "packed_modules_mapping", None)
+    return localise_captures(engine, packed, hf_model, prompts, device, dtype, hf_fp32_model)
+
+
+def localise_captures(engine: dict[str, Capture], packed_modules_mapping: dict | None, hf_model,
+                      prompts: list[list[int]], device: str, dtype: torch.dtype, hf_fp32_model=None) -> dict:
+    """`localise` from engine captures taken elsewhere (under TP: by rank 0 in its worker process).
+    Points whose engine output has another shape than HF's (a rank's shard) are left unmatched."""
     hf = capture_hf(hf_model, prompts, device)
     hf_fp32 = capture_hf(hf_fp32_model, prompts, device) if hf_fp32_model is not None else None
-    engine = capture_engine(engine_model, prompts, device)
     packed = dict(DEFAULT_PACKED)
-    packed.update(getattr(engine_model, "packed_modules_mapping", None) or {})
+    packed.update(packed_modules_mapping or {})
     tol = TOLERANCE.get(dtype, 1e-4)
     points = compare_points(engine, hf, packed, tol, hf_fp32)
     keys = ("module", "max_abs", "max_rel", "input_max_rel", "error_ratio", "input_error_ratio", "ok")

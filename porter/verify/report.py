@@ -27,6 +27,9 @@ class Report:
     localisation: dict | None = None  # {"divergence": {...} | None, "tolerance_rel": ..., "trace": [...]}
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    tp: int = 1  # tensor_parallel_size of the engine side
+    # --tp N failed: the same engine model checked at TP=1 {"passed", "checks", "weights_ok", "localisation"}
+    tp1: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -46,17 +49,20 @@ class Report:
             "engine_model": self.engine_model,
             "dtype": self.dtype,
             "device": self.device,
+            "tensor_parallel_size": self.tp,
             "prompt_lengths": self.prompt_lengths,
             "max_tokens": self.max_tokens,
             "checks": [c.to_dict() for c in self.checks],
             "weights": self.weights.to_dict() if self.weights is not None else None,
             "localisation": self.localisation,
+            "tp1": self.tp1,
             "notes": self.notes,
             "seconds": round(self.seconds, 3),
         }
 
     def render(self, console: Console) -> None:
-        table = Table(title=f"porter verify: {self.architecture} ({self.dtype}, {self.device})", title_justify="left")
+        tp = f", TP={self.tp}" if self.tp > 1 else ""
+        table = Table(title=f"porter verify: {self.architecture} ({self.dtype}, {self.device}{tp})", title_justify="left")
         table.add_column("check")
         table.add_column("result")
         table.add_column("detail", overflow="fold")
@@ -71,9 +77,16 @@ class Report:
                           "\n".join(problems[:12]) or "every key loaded, every parameter filled")
         if self.localisation is not None:
             d = self.divergence
-            table.add_row("first divergence", "[red]found[/]" if d else "none",
-                          f"{d['summary']}\n{d['reason']}" + (f"\nsuspects: {', '.join(d['suspects'])}" if d["suspects"] else "")
-                          if d else self.localisation.get("hint", "every module matched in prefill agrees"))
+            scope = self.localisation.get("scope")  # under TP: what rank 0 could compare
+            table.add_row("first divergence" + (" (TP rank 0)" if scope else ""), "[red]found[/]" if d else "none",
+                          (f"{d['summary']}\n{d['reason']}" + (f"\nsuspects: {', '.join(d['suspects'])}" if d["suspects"] else "")
+                           if d else self.localisation.get("hint", "every module matched in prefill agrees"))
+                          + (f"\n[dim]compared: {scope}[/]" if scope else ""))
+        if self.tp1 is not None:
+            d1 = (self.tp1["localisation"] or {}).get("divergence")
+            detail = ("passes: the fault is specific to tensor parallelism" if self.tp1["passed"] else
+                      "fails too" + (f"; first divergence at TP=1: {d1['summary']}" if d1 else ""))
+            table.add_row("same model at TP=1", mark[self.tp1["passed"]], detail)
         console.print(table)
         for note in self.notes:
             console.print(f"[dim]note: {note}[/]")

@@ -5,17 +5,18 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from porter.verify import checkpoint, engine_side, reference
+from porter.engine.tp_check import tp_split_problems
+from porter.verify import checkpoint, engine_side, reference, tp_engine
 from porter.verify.compare import Check, check_greedy, check_prefill
 from porter.verify.errors import VerifyInputError
 from porter.verify.localise import localise
 from porter.verify.model_source import ConversionFailed, ModelSource, choose
-from porter.verify.prompts import make_prompts
+from porter.verify.prompts import extended_prompts, make_prompts
 from porter.verify.report import Report
 from porter.verify.tiny import make_tiny_checkpoint
 from porter.verify.weights import load_with_report
@@ -38,6 +39,7 @@ class VerifyOptions:
     seed: int = 0
     builtin: bool = False  # test the registry's engine model instead of converting
     always_localise: bool = False
+    tp: int = 1  # tensor_parallel_size of the engine side (N worker processes)
 
 
 def _quiet_transformers() -> None:
@@ -68,6 +70,10 @@ def verify(opts: VerifyOptions) -> Report:
         raise VerifyInputError("--prompts, --max-tokens and --logprobs must be at least 1")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise VerifyInputError(f"--device {opts.device}: CUDA is not available here")
+    if opts.tp < 1:
+        raise VerifyInputError(f"--tp must be at least 1, not {opts.tp}")
+    if opts.tp > 1 and opts.device.startswith("cuda") and torch.cuda.device_count() < opts.tp:
+        raise VerifyInputError(f"--tp {opts.tp} needs {opts.tp} GPUs (one per rank); {torch.cuda.device_count()} visible")
     _quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
         start = time.perf_counter()
@@ -108,6 +114,9 @@ def reference_run(opts: VerifyOptions, ckpt: Path, hf_config) -> Reference:
 
 def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
     hf_config = checkpoint.load_config(ckpt)
+    problems = tp_split_problems(hf_config, opts.tp)
+    if problems:
+        raise VerifyInputError(f"the model cannot be split over --tp {opts.tp}: " + "; ".join(problems))
     notes: list[str] = []
     try:
         source = choose(ckpt, hf_config, opts.model_file, opts.builtin, tmp / "converted", notes)
@@ -123,6 +132,8 @@ def _run(opts: VerifyOptions, ckpt: Path, tmp: Path) -> Report:
 def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: ModelSource, ref: Reference,
                  notes: list[str] | None = None) -> Report:
     """Build and load engine model `cls`, run every check against `ref`, localise on failure."""
+    if opts.tp > 1:
+        return check_engine_tp(opts, ckpt, hf_config, cls, source, ref, notes)
     dtype, device = DTYPES[opts.dtype], opts.device
     low_precision = dtype != torch.float32
     prompts = ref.prompts
@@ -152,26 +163,46 @@ def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: 
         report.checks.append(Check("greedy_tokens", False, {}, f"engine LLM failed: {_describe(exc)}"))
 
     if opts.always_localise or not report.passed:
-        # the prompts extended by HF's greedy tokens: every position either side has generated is covered
-        sequences = [p + g.token_ids[:-1] for p, g in zip(prompts, ref.greedy)]
         try:
-            report.localisation = localise(engine_model, ref.model, sequences, device, dtype, ref.model_fp32)
+            report.localisation = localise(engine_model, ref.model, extended_prompts(ref.prompts, ref.greedy), device, dtype, ref.model_fp32)
         except Exception as exc:  # noqa: BLE001 - localisation is best effort on top of the verdict
             report.notes.append(f"localisation failed: {_describe(exc)}")
         else:
-            decode_failed = any(not c.passed for c in report.checks if c.name in ("greedy_tokens", "logprobs"))
-            if report.localisation["divergence"] is None and decode_failed:
-                report.localisation["hint"] = (
-                    "without a KV cache the engine model agrees with HF module by module on the prompts "
-                    "extended by the generated tokens, so the fault is in the decode path: KV cache "
-                    "write/read, block tables, decode attention, sampler or scheduler")
+            _add_decode_hint(report)
     return report
+
+
+def check_engine_tp(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: ModelSource, ref: Reference,
+                    notes: list[str] | None = None) -> Report:
+    """The checks on a TP=`opts.tp` engine (porter/verify/tp_engine.py); on failure the same engine model is
+    also checked at TP=1 to tell a tensor-parallel fault from a fault of the port itself."""
+    report = _empty_report(opts, ckpt, hf_config, source.label, notes, ref.prompts)
+    tp_engine.run_tp_checks(opts, DTYPES[opts.dtype], ckpt, cls, source, ref, report, _describe)
+    if report.localisation is not None:
+        _add_decode_hint(report)
+    if not report.passed:
+        one = check_engine(replace(opts, tp=1), ckpt, hf_config, cls, source, ref)
+        report.tp1 = {"passed": one.passed, "checks": [c.to_dict() for c in one.checks],
+                      "weights_ok": one.weights is not None and one.weights.ok, "localisation": one.localisation}
+        report.notes.append(tp_engine.TP_FAULT_HINT if one.passed else
+                            "the engine model fails at TP=1 too: the port itself is wrong; tp1.localisation "
+                            "compares every module at TP=1, shards included")
+    return report
+
+
+def _add_decode_hint(report: Report) -> None:
+    decode_failed = any(not c.passed for c in report.checks if c.name in ("greedy_tokens", "logprobs"))
+    if report.localisation["divergence"] is None and decode_failed:
+        report.localisation["hint"] = (
+            "without a KV cache the engine model agrees with HF module by module on the prompts "
+            "extended by the generated tokens, so the fault is in the decode path: KV cache "
+            "write/read, block tables, decode attention, sampler or scheduler")
 
 
 def _empty_report(opts, ckpt, hf_config, label, notes, prompts=()) -> Report:
     return Report(
         target=opts.target, checkpoint=str(ckpt), architecture=",".join(hf_config.architectures or ["?"]),
-        engine_model=label, dtype=opts.dtype, device=opts.device,
+        engine_model=label, dtype=opts.dtype, device=opts.device, tp=opts.tp,
         prompt_lengths=[len(p) for p in prompts], max_tokens=opts.max_tokens, notes=list(notes or []),
     )
 
