@@ -177,7 +177,6 @@ class ForCausalLM(nn.Module):
 @pytest.mark.parametrize("model_type, construct", [
     ("falcon", r"modeling_falcon.py:\d+: cannot convert attention `FalconAttention`"),
     ("bloom", r"modeling_bloom.py:\d+: cannot convert attention `BloomAttention`"),
-    ("deepseek_v2", r"modeling_deepseek_v2.py:\d+: cannot convert multi-head latent attention `DeepseekV2Attention`"),
 ])
 def test_unsupported_dev_set_files_are_refused_by_construct_and_line(model_type, construct, tmp_path):
     """Inline softmax/ALiBi attention (falcon, bloom) and MLA (deepseek_v2) are not converted yet: the

@@ -62,7 +62,7 @@ def analyse(module: cst.Module, ctx: Context) -> None:
         if not ctx.moe_experts and (_MOE.search(text) or any(a == "experts" for a in children[name])):
             report.refuse(f"mixture-of-experts block `{name}`", lines.of(cls),
                           "it routes tokens to experts; porter convert does not rewrite MoE blocks yet")
-        if _MLA.search(text):
+        if _MLA.search(text) and name not in ctx.attn_heads:  # normalise_mla converted it (and set its heads)
             report.refuse(f"multi-head latent attention `{name}`", lines.of(cls),
                           "low-rank compressed q/kv projections (MLA) are not supported by porter convert yet")
         for attr, ctor in children[name].items():

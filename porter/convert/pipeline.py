@@ -23,6 +23,7 @@ from porter.convert.normalise_constants import normalise_constants, propagate_co
 from porter.convert.normalise_conv1d import normalise_conv1d
 from porter.convert.normalise_heads import normalise_kv_heads
 from porter.convert.normalise_inputs import normalise_inputs
+from porter.convert.normalise_mla import normalise_mla
 from porter.convert.normalise_moe import normalise_moe
 from porter.convert.normalise_positions import positions_given, unused_embedding_inputs
 from porter.convert.normalise_shapes import normalise_shapes
@@ -82,6 +83,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
         report.raise_if_refused()
 
     # normalisations: older or MoE idioms rewritten into the forms the passes below convert
+    step("mla", lambda m: normalise_mla(m, ctx))
     step("shapes", lambda m: normalise_shapes(m, ctx))
     step("moe", lambda m: normalise_moe(m, ctx))
     step("conv1d", lambda m: normalise_conv1d(m, ctx))
