@@ -150,3 +150,4 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
+        seq.num_synced_blocks = 0  # a new table is carried whole

@@ -17,6 +17,7 @@ from torch import nn
 from porter.engine.config import EngineConfig
 from porter.engine.distributed import get_tp_rank
 from porter.engine.forward_context import AttentionMetadata, set_forward_context
+from porter.engine.input_batch import InputBatch
 from porter.engine.layers.attention import Attention
 from porter.engine.sampler import Sampler
 from porter.engine.sampling_params import SamplingParams
@@ -30,23 +31,32 @@ class StepInput:
     seq_ids: list[int]
     new_token_ids: list[list[int]]  # the tokens each sequence computes this step
     num_computed: list[int]  # tokens already in the cache (= position of the first new token)
+    # each sequence's block-table entries from index blocks_from[i] on: the runner keeps the tables and
+    # a step carries what changed (blocks_from None: every list is the whole table)
     block_tables: list[list[int]]
     sample: list[bool]  # this sequence samples a token after this step
     params: list[SamplingParams]  # one per sampling sequence, in batch order
-    finished_seq_ids: list[int]  # sequences gone since the last step (their sampler state is dropped)
+    finished_seq_ids: list[int]  # sequences gone since the last step (their runner state is dropped)
+    blocks_from: list[int] | None = None
 
     @classmethod
     def from_batch(cls, batch: ScheduledBatch, finished_seq_ids: list[int]) -> "StepInput":
         seqs, counts = batch.seqs, batch.num_new_tokens
         sample = [batch.samples(i) for i in range(len(seqs))]
+        blocks_from = [s.num_synced_blocks for s in seqs]
+        tables = []
+        for s in seqs:
+            tables.append(s.block_table[s.num_synced_blocks:])
+            s.num_synced_blocks = len(s.block_table)
         return cls(
             seq_ids=[s.seq_id for s in seqs],
             new_token_ids=[s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] for s, n in zip(seqs, counts)],
             num_computed=[s.num_computed_tokens for s in seqs],
-            block_tables=[list(s.block_table) for s in seqs],
+            block_tables=tables,
             sample=sample,
             params=[s.params for s, smp in zip(seqs, sample) if smp],
             finished_seq_ids=list(finished_seq_ids),
+            blocks_from=blocks_from,
         )
 
 
@@ -80,11 +90,17 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(engine_config.seed))
         self.generators: dict[int, torch.Generator] = {}  # seeded requests' own generators
+        self.inputs = InputBatch(
+            max_num_tokens=max(engine_config.max_num_batched_tokens, engine_config.max_num_seqs),
+            max_num_seqs=engine_config.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq,
+            block_size=self.block_size, device=self.device)
+        if self.device.type == "cuda":
+            self._warm_up()
         self.graphs = None
         if self.device.type == "cuda" and not engine_config.enforce_eager and engine_config.attention_backend == "triton":
             from porter.engine.cuda_graphs import CudaGraphRunner
 
-            self.graphs = CudaGraphRunner(self.model, engine_config, self.max_blocks_per_seq)
+            self.graphs = CudaGraphRunner(self.model, engine_config, self.inputs)
 
     # --- KV cache -----------------------------------------------------------------------------
 
@@ -147,40 +163,31 @@ class ModelRunner:
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    # --- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Run a few dummy eager steps so that Triton compiles the kernel variants real steps use (paged
+        prefill in both tile configs, mixed and decode-only batches, token counts with and without the
+        divisible-by-16 specialisation) now, not inside the first requests. Nothing is written to the cache."""
+        cfg = self.config
+        room = min(cfg.max_num_batched_tokens, cfg.max_model_len - 1)
+        batches = [[17, 1], [32], [1, 1, 1]]
+        if room >= 2048 + 3:  # the long-query tile config (porter.kernels.prefill_attention.LONG_QUERY)
+            batches.append([2048 + 3])
+        for q_lens in batches:
+            if sum(q_lens) > room or len(q_lens) > cfg.max_num_seqs:
+                continue
+            ids = [-1 - i for i in range(len(q_lens))]
+            x = self.inputs.prepare(ids, [[0] * n for n in q_lens], [3] * len(q_lens),
+                                    [[0] * -(-(n + 3) // self.block_size) for n in q_lens], None, [True] * len(q_lens))
+            x.meta.slot_mapping.fill_(-1)
+            with set_forward_context(x.meta):
+                hidden = self.model(x.input_ids, x.positions)
+            self.model.compute_logits(hidden[: x.num_tokens])
+            self.inputs.release(ids)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-    def _prepare(self, step: StepInput):
-        bs = self.block_size
-        ids, positions, slots, q_starts, seq_lens, sample_rows = [], [], [], [0], [], []
-        for toks, start, table, smp in zip(step.new_token_ids, step.num_computed, step.block_tables, step.sample):
-            ids.extend(toks)
-            end = start + len(toks)
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            q_starts.append(q_starts[-1] + len(toks))
-            seq_lens.append(end)
-            if smp:
-                sample_rows.append(q_starts[-1] - 1)
-        width = max(len(t) for t in step.block_tables)
-        tables = [t + [0] * (width - len(t)) for t in step.block_tables]
-        q_lens = [len(t) for t in step.new_token_ids]
-        # one host-to-device copy for all of it (each small copy costs a driver round trip)
-        parts = (ids, positions, slots, sample_rows, q_starts, seq_lens, [b for t in tables for b in t])
-        flat = torch.tensor([x for part in parts for x in part], dtype=torch.int64,
-                            pin_memory=self.device.type == "cuda")
-        ids_t, pos_t, slots_t, rows_t, starts_t, lens_t, tables_t = flat.to(self.device, non_blocking=True).split(
-            [len(part) for part in parts])
-        meta = AttentionMetadata(
-            query_start_loc=starts_t.to(torch.int32),
-            seq_lens=lens_t.to(torch.int32),
-            slot_mapping=slots_t,
-            block_tables=tables_t.to(torch.int32).view(len(tables), width),
-            max_query_len=max(q_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=q_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        return ids_t, pos_t, meta, rows_t
+    # --- one step -----------------------------------------------------------------------------
 
     def _generators(self, step: StepInput, sampling_ids: list[int]) -> list[torch.Generator | None]:
         for seq_id in step.finished_seq_ids:
@@ -200,15 +207,19 @@ class ModelRunner:
         """Run one step; returns the sampled token (and logprobs entry) of each sampling sequence."""
         sampling_ids = [s for s, smp in zip(step.seq_ids, step.sample) if smp]
         gens = self._generators(step, sampling_ids)
-        input_ids, positions, meta, sample_rows = self._prepare(step)
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, positions, meta)
+        self.inputs.release(step.finished_seq_ids)
+        graph_size = self.graphs.size_for(step) if self.graphs is not None else None
+        x = self.inputs.prepare(step.seq_ids, step.new_token_ids, step.num_computed, step.block_tables,
+                                step.blocks_from, step.sample, pad_to=graph_size)
+        if graph_size is not None:
+            hidden = self.graphs.replay(graph_size)
         else:
-            with set_forward_context(meta):
-                hidden = self.model(input_ids, positions)
+            with set_forward_context(x.meta):
+                hidden = self.model(x.input_ids, x.positions)
         if not sampling_ids:
             return [], []
-        logits = self.model.compute_logits(hidden[sample_rows])
+        hidden = hidden[: x.num_tokens] if x.sample_rows is None else hidden[x.sample_rows]
+        logits = self.model.compute_logits(hidden)
         if get_tp_rank() != 0:  # every rank joins the logits gather; rank 0 alone samples
             return [], []
         return self.sampler(logits, step.params, gens)

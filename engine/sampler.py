@@ -23,10 +23,13 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None] | None = None,
     ) -> tuple[list[int], list[dict[int, float] | None]]:
-        logits = logits.float()
         n, vocab = logits.shape
         if len(params) != n:
             raise ValueError(f"{n} rows of logits for {len(params)} sampling params")
+        if all(p.greedy and p.logprobs is None for p in params):
+            # the argmax of the model-dtype logits is the fp32 one (the cast is exact): skip the fp32 copy
+            return logits.argmax(dim=-1).tolist(), [None] * n
+        logits = logits.float()
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:

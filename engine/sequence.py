@@ -31,6 +31,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids, in order
         self.num_hashed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.num_synced_blocks = 0  # leading blocks of block_table already carried to the model runner
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.error: str | None = None

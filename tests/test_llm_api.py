@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from porter.commands.run import bundled_fixture
@@ -134,3 +135,16 @@ def test_text_prompt_without_tokenizer_is_refused(tmp_path):
         llm.generate("hello")
     out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text == ""
+
+
+def test_warm_up_steps_leave_the_cache_and_the_outputs_untouched(llm):
+    """The dummy steps the runner takes at start-up on CUDA (to compile kernels) run here on CPU: they
+    write no K/V and leave no sequence state behind."""
+    before = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].token_ids
+    caches = [(a.k_cache.clone(), a.v_cache.clone()) for a in llm.runner.attn_layers]
+    llm.runner._warm_up()
+    assert all(torch.equal(a.k_cache, k) and torch.equal(a.v_cache, v)
+               for a, (k, v) in zip(llm.runner.attn_layers, caches))
+    assert all(seq_id >= 0 for seq_id in llm.runner.inputs.row_of)  # the dummy sequences are gone
+    after = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].token_ids
+    assert after == before

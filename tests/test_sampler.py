@@ -19,6 +19,15 @@ def test_greedy_is_argmax():
     assert lps == [None] * 4
 
 
+def test_greedy_on_half_precision_logits_matches_the_fp32_path_ties_included():
+    logits = logits_batch(6).to(torch.bfloat16)
+    logits[0, 3] = logits[0, 7] = logits[0].max() + 1  # a tie: the first index wins either way
+    greedy, _ = Sampler()(logits, [SamplingParams(temperature=0)] * 6)  # argmax in bf16, no fp32 copy
+    with_lp, lps = Sampler()(logits, [SamplingParams(temperature=0, logprobs=0)] * 6)  # the fp32 path
+    assert greedy == with_lp == logits.float().argmax(-1).tolist() and greedy[0] == 3
+    assert all(set(lp) == {t} for lp, t in zip(lps, with_lp))
+
+
 def test_top_k_mask_keeps_exactly_k_best():
     logits = logits_batch(3)
     masked = apply_top_k_top_p(logits, torch.tensor([1, 5, 0]), torch.ones(3))
