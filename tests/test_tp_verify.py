@@ -127,3 +127,19 @@ def test_model_that_only_fails_to_build_on_ranks_reports_build_and_the_tp1_verdi
     assert "TP=2 engine did not start" in report.checks[0].detail
     assert "planted: refuses to shard" in report.checks[0].detail  # the worker's own error
     assert report.tp1["passed"] and TP_FAULT_HINT in report.notes
+
+
+def test_rank_that_raises_mid_decode_stops_the_engine_and_the_report_says_so(shared, converted_llama, tmp_path):
+    final_norm = "        hidden_states = self.norm(hidden_states)\n        return hidden_states\n"
+    report = verify_planted(shared, converted_llama, final_norm,
+                            "        from porter.engine.distributed import get_tp_rank\n"
+                            "        from porter.engine.forward_context import get_forward_context\n"
+                            "        if get_tp_rank() == 1 and get_forward_context().attn_metadata.max_query_len == 1:\n"
+                            "            raise RuntimeError('planted: rank 1 fails in decode')\n" + final_norm,
+                            tmp_path / "f.py")
+    checks = {c.name: c for c in report.checks}
+    assert not report.passed and not checks["greedy_tokens"].passed
+    assert "rank 1" in checks["greedy_tokens"].detail and "planted" in checks["greedy_tokens"].detail
+    assert not checks["prefill_logits"].passed and "shut down" in checks["prefill_logits"].detail
+    assert report.weights is None and any(n.startswith("weight report failed") for n in report.notes)
+    assert report.tp1["passed"] and TP_FAULT_HINT in report.notes

@@ -70,7 +70,8 @@ class Report:
         for c in self.checks:
             table.add_row(c.name, mark[c.passed], c.detail)
         if self.weights is None:
-            table.add_row("weights", "-", "not checked: no engine model was built")
+            why = "the TP engine did not start or stopped first" if self.tp > 1 else "no engine model was built"
+            table.add_row("weights", "-", f"not checked: {why}")
         else:
             problems = self.weights.problems()
             table.add_row("weights", mark[self.weights.ok],
