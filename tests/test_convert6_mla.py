@@ -189,3 +189,23 @@ class Attn(nn.Module):
 '''
     code, ctx = _normalise(src)
     assert code == src and not ctx.attn_heads
+
+
+def test_deepseek_v2_tp2_matches_tp1(tmp_path):
+    """TP=2 (gloo, two workers) generates what TP=1 does: heads split over the ranks (q and kv_b
+    column-parallel, o_proj row-parallel), the latent projections replicated, the experts' intermediate
+    dim split."""
+    from transformers import AutoConfig, DeepseekV2ForCausalLM
+
+    from test_tp_converted import tp2_matches_tp1
+
+    config = AutoConfig.for_model("deepseek_v2", **TINY, q_lora_rank=24, topk_method="group_limited_greedy",
+                                  n_group=2, topk_group=1, intermediate_size=64, max_position_embeddings=128,
+                                  initializer_range=0.2)
+    full, rank0 = tp2_matches_tp1(tmp_path, "deepseek_v2", DeepseekV2ForCausalLM, config)
+    attn = "model.layers.1.self_attn."
+    assert full[attn + "kv_b_proj.weight"] == (4 * (16 + 8), 32) and rank0[attn + "kv_b_proj.weight"] == (48, 32)
+    assert full[attn + "q_b_proj.weight"] == (4 * 32, 24) and rank0[attn + "q_b_proj.weight"] == (64, 24)
+    assert full[attn + "o_proj.weight"] == (64, 32) and rank0[attn + "o_proj.weight"] == (64, 16)
+    assert rank0[attn + "kv_a_proj_with_mqa.weight"] == full[attn + "kv_a_proj_with_mqa.weight"] == (48, 64)
+    assert rank0["model.layers.1.mlp.experts.w13_weight"] == (4, 32, 64)

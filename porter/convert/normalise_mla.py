@@ -23,7 +23,7 @@ import libcst as cst
 
 from porter.convert.context import Context
 from porter.convert.cst_util import classes, code, contains, dotted, loads, methods, param_names, self_attr, \
-    self_call_attr
+    is_pure, self_call_attr, target_names
 
 _LINEAR = ("nn.Linear", "torch.nn.Linear", "Linear")
 _INTERFACE = "ALL_ATTENTION_FUNCTIONS"
@@ -191,7 +191,7 @@ class MLA:
             raise Unsupported(self.q_stmt, f"q is not split once into [{code(self.nope)}, {code(self.rope)}] "
                                            "(nope part, rope part)")
         self.q_nope, self.q_pe = q_split[0][0]
-        self.rope_stmt = self._rope_call()
+        self.rope_stmt, self.rope_prelude, self.rope_calls = self._rope()
         for e in (self.rank, self.rope, self.nope, self.v_dim):
             if set(loads(e)) & set(assigns):
                 raise Unsupported(e, f"head-part size `{code(e)}` depends on forward-time values")
@@ -280,22 +280,48 @@ class MLA:
             return None
         return value
 
-    def _rope_call(self) -> cst.Assign:
-        for small in _statements(self.fwd):
-            v = small.value if isinstance(small, cst.Assign) else None
-            k_reads = set(loads(v.args[1].value)) if isinstance(v, cst.Call) and len(v.args) >= 2 else set()
-            k_reads |= {u for n in k_reads for u in _names_upstream(self.assigns, n)}
-            if isinstance(v, cst.Call) and isinstance(v.func, cst.Name) and code(v.args[0].value) == self.q_pe \
-                    and self.k_pe in k_reads:
-                t = small.targets[0].target
-                if not (isinstance(t, cst.Tuple) and len(t.elements) == 2):
-                    raise Unsupported(small, "expected `q_pe, k_pe = rope(q_pe, k_pe, ...)`")
-                allowed = {self.q_pe, self.k_pe, "self", *param_names(self.fwd)}
-                bad = set().union(*(loads(a.value) for a in v.args[2:])) & set(self.assigns) - allowed
-                if bad:
-                    raise Unsupported(small, f"the rope call reads forward-time values ({', '.join(sorted(bad))})")
-                return small
+    def _rope(self) -> tuple[cst.BaseStatement, list[cst.BaseStatement], list[cst.Call]]:
+        """The forward statement (or if/else choosing between rope functions) whose every assignment is
+        `q_pe, k_pe = rope(q_pe, k_pe, ...)`, the earlier statements binding the rest of its arguments from
+        the forward's inputs only (`cos, sin = position_embeddings`), and its rope calls."""
+        params = set(param_names(self.fwd))
+        for s in self.fwd.body.body:
+            calls = []
+            for small in _statements_of(s):
+                v = small.value if isinstance(small, cst.Assign) else None
+                if isinstance(v, cst.Call) and isinstance(v.func, cst.Name) and len(v.args) >= 2 and \
+                        code(v.args[0].value) == self.q_pe and self.k_pe in self._upstream(v.args[1].value):
+                    calls.append((small, v))
+            if not calls:
+                continue
+            if not isinstance(s, (cst.If, cst.SimpleStatementLine)) or len(calls) != len(_statements_of(s)) or \
+                    any(not (isinstance(a.targets[0].target, cst.Tuple) and len(a.targets[0].target.elements) == 2)
+                        for a, _ in calls):
+                raise Unsupported(s, "expected only `q_pe, k_pe = rope(q_pe, k_pe, ...)` assignments")
+            flat = s.visit(_KeyRopeArg(self.k_pe))  # what the rewrite keeps of it
+            prelude, bound = [], set()
+            for p in self.fwd.body.body:
+                if p is s:
+                    break
+                small = p.body[0] if isinstance(p, cst.SimpleStatementLine) and len(p.body) == 1 else None
+                targets = set(target_names(small.targets[0].target) or []) if isinstance(small, cst.Assign) else set()
+                if targets and is_pure(small.value) and not (set(loads(small.value)) & set(self.assigns) - params) \
+                        and targets & (set(loads(flat)) - {self.q_pe, self.k_pe}):
+                    prelude.append(p)
+                    bound |= targets
+            reads = set(loads(flat)) - {self.q_pe, self.k_pe, "self"} - params - bound
+            if reads & set(self.assigns):
+                raise Unsupported(s, f"the rope call reads forward-time values ({', '.join(sorted(reads & set(self.assigns)))})")
+            return flat, prelude, [v for _, v in calls]
         raise Unsupported(self.fwd, f"no `q_pe, k_pe = rope({self.q_pe}, {self.k_pe}, ...)` on the rope parts")
+
+    def rope_calls_targets(self) -> list[cst.BaseElement]:
+        small = next(x for x in _statements_of(self.rope_stmt) if isinstance(x, cst.Assign))
+        return list(small.targets[0].target.elements)
+
+    def _upstream(self, expr: cst.BaseExpression) -> set[str]:
+        names = set(loads(expr))
+        return names | {u for n in names for u in _names_upstream(self.assigns, n)}
 
     def _heads(self) -> str:
         """The head count: the left factor of the q projection's output size, which kv_b and the output
@@ -379,6 +405,20 @@ def _fresh(base: str, used: set[str]) -> str:
     return name
 
 
+class _KeyRopeArg(cst.CSTTransformer):
+    """The second argument of each rope call -> `k_pe.unsqueeze(1)` (the file's own view of it was batch-shaped)."""
+
+    def __init__(self, k_pe: str):
+        super().__init__()
+        self.k_pe = k_pe
+
+    def leave_Assign(self, original, updated):
+        call = updated.value
+        args = list(call.args)
+        args[1] = args[1].with_changes(value=cst.parse_expression(f"{self.k_pe}.unsqueeze(1)"))
+        return updated.with_changes(value=call.with_changes(args=args))
+
+
 class _QChains(cst.CSTTransformer):
     """In the q statement: each assignment keeps only its projection chain (no batch-shaped views), and
     engine linears' (output, bias) pairs give their output."""
@@ -394,9 +434,7 @@ class _QChains(cst.CSTTransformer):
 def _forward_body(m: MLA) -> list[cst.BaseStatement]:
     nope, rope, v_dim, rank = (code(e) for e in (m.nope, m.rope, m.v_dim, m.rank))
     qk = f"({nope} + {rope})"
-    rope_call = m.rope_stmt.value
-    rq, rk = (code(e.value) for e in m.rope_stmt.targets[0].target.elements)
-    rope_args = ", ".join(code(a) for a in rope_call.args[2:]).rstrip(", ")
+    rq, rk = (code(e.value) for e in m.rope_calls_targets())
     iface = m.iface_stmt.value
     used = set(m.assigns) | {m.k_nope, m.v}
     names = [code(a.value) if isinstance(a.value, cst.Name) else fresh
@@ -411,7 +449,6 @@ def _forward_body(m: MLA) -> list[cst.BaseStatement]:
 {qk} = {nope} + {rope}
 {m.q_nope}, {m.q_pe} = torch.split({m.q_name}.unflatten(-1, (-1, {qk})), [{nope}, {rope}], dim=-1)
 {m.latent}, {m.k_pe} = torch.split(self.{m.kv_a}({m.hidden})[0], [{rank}, {rope}], dim=-1)
-{rq}, {rk} = {code(rope_call.func)}({m.q_pe}, {m.k_pe}.unsqueeze(1){', ' + rope_args if rope_args else ''})
 {kv} = self.{m.kv_b}(self.{m.kv_norm}({m.latent}))[0].unflatten(-1, (-1, {nope} + {v_dim}))
 {m.k_nope}, {m.v} = torch.split({kv}, [{nope}, {v_dim}], dim=-1)
 {q_arg} = torch.cat(({m.q_nope}, {rq}), dim=-1)
@@ -426,7 +463,12 @@ def _forward_body(m: MLA) -> list[cst.BaseStatement]:
 return {m.out}, {m.weights}
 """
     q_stmt = m.q_stmt.visit(_QChains(m))
-    body = [q_stmt.with_changes(leading_lines=[])] + list(cst.parse_module(src).body)
+    head, rest = cst.parse_module(src).body[:3], cst.parse_module(src).body[3:]
+    # the rope statement as written (it may choose between rope functions), the key's rope part viewed as
+    # one head shared by all: [T, 1, rope]
+    rope_stmt = m.rope_stmt.with_changes(leading_lines=[])
+    prelude = [p.with_changes(leading_lines=[]) for p in m.rope_prelude]
+    body = [q_stmt.with_changes(leading_lines=[]), *head, *prelude, rope_stmt, *rest]
     body += [*m.iface_lookup, cst.SimpleStatementLine([m.iface_stmt.with_changes(value=iface)])]
     return body + list(cst.parse_module(tail).body)
 
@@ -514,7 +556,7 @@ def normalise_mla(module: cst.Module, ctx: Context) -> cst.Module:
             ctx.report.refuse(f"multi-head latent attention `{name}`", ctx.lines.of(e.node, name) or ctx.lines.of(cls),
                               e.why)
             continue
-        rope_fns.add(code(m.rope_stmt.value.func))
+        rope_fns |= {code(c.func) for c in m.rope_calls}
         heads = f"divide({m.heads}, get_tp_world_size())"
         ctx.attn_heads[name] = (heads, heads, f"({code(m.nope)} + {code(m.rope)})")
         ctx.report.change("mla", ctx.lines.of(cls),
