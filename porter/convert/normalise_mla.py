@@ -482,18 +482,45 @@ def _rewrite_class(m: MLA) -> cst.ClassDef:
     fwd = m.fwd.with_changes(body=m.fwd.body.with_changes(body=body))
     # helper methods only the old forward called (e.g. a latent expansion) go with it
     helpers = {self_call_attr(c) for c in m._calls_of_any(m.fwd)} & set(methods(m.cls))
-    keep_helpers = {h for h in helpers if contains(fwd, lambda n, h=h: self_call_attr(n) == h)}
-    out = []
-    for s in m.cls.body.body:
-        if s is m.init:
-            out.append(init)
-        elif s is m.fwd:
-            out.append(fwd)
-        elif isinstance(s, cst.FunctionDef) and s.name.value in helpers - keep_helpers:
-            continue
-        else:
-            out.append(s)
-    return m.cls.with_changes(body=m.cls.body.with_changes(body=out))
+    others = [s for s in m.cls.body.body if isinstance(s, cst.FunctionDef) and s is not m.fwd]
+    dropped = {h for h in helpers if not any(contains(s, lambda n, h=h: self_call_attr(n) == h) for s in others)}
+
+    def build(fwd):
+        kept = [init if s is m.init else fwd if s is m.fwd else s for s in m.cls.body.body
+                if not (isinstance(s, cst.FunctionDef) and s.name.value in dropped)]
+        return m.cls.with_changes(body=m.cls.body.with_changes(body=kept))
+
+    cls = build(fwd)
+    # pad to the original line count so the lines later passes report stay those of the source;
+    # drop_line_padding removes the padding once the converter has indexed the lines
+    lost = code(m.cls).count("\n") - code(cls).count("\n")
+    if lost > 0:
+        body[-1] = body[-1].with_changes(leading_lines=[*body[-1].leading_lines, *[_PAD] * lost])
+        cls = build(fwd.with_changes(body=fwd.body.with_changes(body=body)))
+    return cls
+
+
+_PAD = cst.EmptyLine(indent=False, comment=cst.Comment("# porter: line padding"))
+
+
+def _is_pad(line: cst.EmptyLine) -> bool:
+    return line.comment is not None and line.comment.value == _PAD.comment.value
+
+
+class _DropPadding(cst.CSTTransformer):
+    def on_leave(self, original, updated):
+        lines = getattr(updated, "leading_lines", None)
+        if lines and any(_is_pad(x) for x in lines):
+            updated = updated.with_changes(leading_lines=[x for x in lines if not _is_pad(x)])
+        return super().on_leave(original, updated)
+
+
+def drop_line_padding(module: cst.Module) -> cst.Module:
+    """Remove the blank padding normalise_mla kept the line numbers with (after lines are indexed). Only
+    the padded classes are rebuilt: every other node keeps its identity, and so its indexed line."""
+    marker = _PAD.comment.value
+    body = [s.visit(_DropPadding()) if isinstance(s, cst.ClassDef) and marker in code(s) else s for s in module.body]
+    return module.with_changes(body=body)
 
 
 class _FlattenLastPair(cst.CSTTransformer):

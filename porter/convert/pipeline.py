@@ -23,7 +23,7 @@ from porter.convert.normalise_constants import normalise_constants, propagate_co
 from porter.convert.normalise_conv1d import normalise_conv1d
 from porter.convert.normalise_heads import normalise_kv_heads
 from porter.convert.normalise_inputs import normalise_inputs
-from porter.convert.normalise_mla import normalise_mla
+from porter.convert.normalise_mla import drop_line_padding, normalise_mla
 from porter.convert.normalise_moe import normalise_moe
 from porter.convert.normalise_positions import positions_given, unused_embedding_inputs
 from porter.convert.normalise_shapes import normalise_shapes
@@ -91,6 +91,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     # the normalisations rebuild the tree: index lines on the code the passes see (the source itself
     # unless a normalisation rewrote something)
     ctx.lines = SourceLines(module)
+    step("mla", drop_line_padding)
     step("analyse", lambda m: (analyse(m, ctx), m)[1])
     step("constants", lambda m: normalise_constants(m, ctx, facts=[positions_given]))
     step("positions", lambda m: unused_embedding_inputs(m, ctx))
