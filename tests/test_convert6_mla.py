@@ -8,6 +8,8 @@ logprobs within 2e-3 (fp32, CPU).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import libcst as cst
 import pytest
 
@@ -45,6 +47,23 @@ def test_deepseek_v2_matches_hf(converted, extra, tmp_path):
     _verify(str(tmp_path / "cfg"), converted[1])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_deepseek_v2_matches_hf_on_cuda(converted, dtype, tmp_path):
+    """DeepSeek-V2's real head layout: q/k heads of 176 + 16 = 192 (not a power of two), v heads of 128
+    padded to 192, through the Triton attention and FusedMoE kernels."""
+    from transformers import AutoConfig
+
+    from porter.verify.run import VerifyOptions, verify
+
+    tiny = {**TINY, "qk_nope_head_dim": 176, "v_head_dim": 128}
+    AutoConfig.for_model("deepseek_v2", **tiny, q_lora_rank=24, topk_method="group_limited_greedy", n_group=2,
+                         topk_group=1).save_pretrained(tmp_path / "cfg")
+    report = verify(VerifyOptions(target=str(tmp_path / "cfg"), tiny=True, model_file=converted[1], max_tokens=12,
+                                  device="cuda", dtype=dtype))
+    assert report.passed, [f"{c.name}: {c.detail}" for c in report.checks if not c.passed]
+
+
 def test_deepseek_v2_conversion(converted):
     result, _ = converted
     code = result.code
@@ -53,6 +72,10 @@ def test_deepseek_v2_conversion(converted):
     assert "def expand_kv" not in code and ".flatten(-2).type_as(xq)" in code
     assert "FusedMoE(" in code and '"gate_proj"' in code  # per-expert keys from the conversion mapping
     assert any("latent attention" in c.message for c in result.report.by_pass()["mla"])
+    # the rewritten attention is shorter than the source's; later classes are still reported at their source lines
+    source = Path(result.report.filename).read_text().splitlines()
+    decoder = next(c for c in result.report.by_pass()["analyse"] if "decoder layer" in c.message)
+    assert source[decoder.line - 1].startswith("class DeepseekV2DecoderLayer(")
 
 
 # a latent attention written differently from deepseek_v2 (other names, rope inline on the q split,
