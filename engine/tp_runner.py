@@ -43,5 +43,11 @@ class TensorParallelRunner:
             return [self.executor.execute(method, *args, **(kwargs or {}))]
         return self.executor.collective_rpc(method, *args, **(kwargs or {}))
 
+    @property
+    def alive(self) -> bool:
+        """False once the workers are stopped: shut down, or after any rank failed (the executor stops
+        them all rather than run on with a missing or desynchronised shard)."""
+        return self.executor.alive
+
     def shutdown(self) -> None:
         self.executor.shutdown()

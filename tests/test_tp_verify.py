@@ -139,7 +139,16 @@ def test_rank_that_raises_mid_decode_stops_the_engine_and_the_report_says_so(sha
                             tmp_path / "f.py")
     checks = {c.name: c for c in report.checks}
     assert not report.passed and not checks["greedy_tokens"].passed
-    assert "rank 1" in checks["greedy_tokens"].detail and "planted" in checks["greedy_tokens"].detail
-    assert not checks["prefill_logits"].passed and "shut down" in checks["prefill_logits"].detail
-    assert report.weights is None and any(n.startswith("weight report failed") for n in report.notes)
+    detail = checks["greedy_tokens"].detail
+    assert detail.startswith("engine failed: rank 1 failed during 'execute': RuntimeError: planted: rank 1 fails")
+    assert detail.endswith("(at f.py:%d)" % (final_norm_line(tmp_path / "f.py") - 1))  # the worker's frame
+    stopped = "not run: the TP engine stopped when greedy_tokens failed"
+    assert not checks["prefill_logits"].passed and checks["prefill_logits"].detail == stopped
+    assert report.weights is None and f"weight report: {stopped}" in report.notes
+    assert f"localisation under TP: {stopped}" in report.notes
     assert report.tp1["passed"] and TP_FAULT_HINT in report.notes
+
+
+def final_norm_line(path: Path) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1)
+                if line.strip() == "hidden_states = self.norm(hidden_states)")

@@ -19,10 +19,12 @@ module, shards included) is reported with it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
+from porter.engine.executor import WorkerError
 from porter.verify import engine_side
 from porter.verify.compare import Check, check_greedy, check_prefill
 from porter.verify.localise import capture_engine, localise_captures
@@ -77,25 +79,32 @@ def run_tp_checks(opts, dtype: torch.dtype, ckpt: Path, cls: type, source, ref, 
     try:
         llm = engine_side.start_llm(ckpt, source.model_file, dtype, device, prompts, opts.max_tokens, tp=opts.tp)
     except Exception as exc:  # noqa: BLE001 - a model that cannot start on N ranks is a parity failure
-        report.checks.append(Check("build", False, {}, f"the TP={opts.tp} engine did not start: {describe(exc)}"))
+        report.checks.append(Check("build", False, {}, f"the TP={opts.tp} engine did not start: "
+                                                       f"{describe_tp(exc, describe)}"))
         return False
+    steps = _Steps(llm, describe)
     try:
-        greedy_checks = _step(report, "greedy_tokens", lambda: check_greedy(
+        greedy, err = steps.run("greedy_tokens", lambda: check_greedy(
             engine_side.generate_greedy(llm, prompts, opts.max_tokens, opts.num_logprobs), ref.greedy,
-            low_precision=low_precision, atol=opts.atol, num_logprobs=opts.num_logprobs), describe)
-        reports = _try(lambda: llm.collective_rpc(rank_weight_report, (str(ckpt),)), report, "weight report", describe)
+            low_precision=low_precision, atol=opts.atol, num_logprobs=opts.num_logprobs))
+        reports, err_w = steps.run("the weight report", lambda: llm.collective_rpc(rank_weight_report, (str(ckpt),)))
         if reports is not None:
             report.weights = merge_weight_reports(reports)
-        prefill = _step(report, "prefill_logits", lambda: [check_prefill(
+        prefill, err_p = steps.run("prefill_logits", lambda: check_prefill(
             llm.collective_rpc(rank_prefill_logits, (prompts,), rank0_only=True)[0], ref.logits,
-            low_precision=low_precision, atol=opts.atol, hf_fp32=ref.logits_fp32)], describe)
-        report.checks[:0] = prefill  # the TP=1 order: prefill, greedy, logprobs
-        report.checks.extend(greedy_checks)
+            low_precision=low_precision, atol=opts.atol, hf_fp32=ref.logits_fp32))
+        # the TP=1 order: prefill, greedy, logprobs
+        report.checks += [prefill or Check("prefill_logits", False, {}, err_p)]
+        report.checks += greedy or [Check("greedy_tokens", False, {}, err)]
+        if err_w:
+            report.notes.append(f"weight report: {err_w}")
         if opts.always_localise or not report.passed:
             sequences = extended_prompts(prompts, ref.greedy)
-            caps = _try(lambda: llm.collective_rpc(rank_captures, (sequences,), rank0_only=True)[0],
-                        report, "localisation in rank 0", describe)
-            if caps is not None:
+            caps, err = steps.run("localisation", lambda: llm.collective_rpc(
+                rank_captures, (sequences,), rank0_only=True)[0])
+            if caps is None:
+                report.notes.append(f"localisation under TP: {err}")
+            else:
                 report.localisation = localise_captures(
                     caps, getattr(cls, "packed_modules_mapping", None), ref.model, sequences, device, dtype,
                     ref.model_fp32)
@@ -107,18 +116,33 @@ def run_tp_checks(opts, dtype: torch.dtype, ckpt: Path, cls: type, source, ref, 
     return True
 
 
-def _step(report, name: str, fn, describe) -> list[Check]:
-    """The checks `fn` returns, or one failed check `name` when it raises (a crashed rank stops the engine,
-    so the steps after it fail with "shut down", which the report also says)."""
-    try:
-        return list(fn())
-    except Exception as exc:  # noqa: BLE001 - a crashing engine model is a parity failure, reported
-        return [Check(name, False, {}, f"engine failed: {describe(exc)}")]
+class _Steps:
+    """Runs the steps on one N-rank engine. A failing rank makes the executor stop every worker, so the
+    steps after it are marked as not run (naming the step that stopped it) instead of each failing anew."""
+
+    def __init__(self, llm, describe):
+        self.llm, self.describe, self.stopped_by = llm, describe, None
+
+    def run(self, name: str, fn):
+        """(fn(), None), or (None, why) when it raised or the engine had already stopped."""
+        if self.stopped_by is not None:
+            return None, f"not run: the TP engine stopped when {self.stopped_by} failed"
+        try:
+            return fn(), None
+        except Exception as exc:  # noqa: BLE001 - a crashing engine model is a parity failure, reported
+            if not self.llm.runner.alive:
+                self.stopped_by = name
+            return None, f"engine failed: {describe_tp(exc, self.describe)}"
 
 
-def _try(fn, report, what: str, describe):
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001
-        report.notes.append(f"{what} failed: {describe(exc)}")
-        return None
+def describe_tp(exc: Exception, describe) -> str:
+    """A worker's error in one line: its rank, what it ran, the exception and where it was raised (the
+    last frame of the worker's traceback, not the executor's line that re-raised it)."""
+    if not isinstance(exc, WorkerError):
+        return describe(exc)
+    head, _, tb = str(exc).partition("\n")
+    lines = [line.strip() for line in tb.strip().splitlines()] or [""]
+    frames = [re.match(r'File "([^"]+)", line (\d+)', line) for line in lines]
+    last = next((m for m in reversed(frames) if m), None)
+    at = f" (at {Path(last[1]).name}:{last[2]})" if last else ""
+    return f"{head.removeprefix('tensor-parallel worker ').rstrip(':')}: {lines[-1]}{at}"
