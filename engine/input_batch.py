@@ -142,7 +142,7 @@ class InputBatch:
             seq_lens=d32[s + 1:2 * s + 1],
             slot_mapping=d64[2 * p:3 * p],
             block_tables=d32[2 * s + 1:n32].view(s, width),
-            max_query_len=int(q_lens.max()) if b else 0,
+            max_query_len=1 if pad_to else int(q_lens.max()),  # a padded batch is one-token sequences
             max_seq_len=max_seq_len or (int(seq_lens.max()) if b else 0),
             query_lens_cpu=None if pad_to else q_lens.tolist(),
             seq_lens_cpu=None if pad_to else seq_lens.tolist(),

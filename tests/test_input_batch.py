@@ -76,6 +76,11 @@ def test_graph_padding_lands_where_the_padded_batch_was_laid_out():
                  (x.meta.query_start_loc, captured.meta.query_start_loc),
                  (x.meta.block_tables, captured.meta.block_tables)):
         assert a.data_ptr() == b.data_ptr() and a.shape == b.shape  # what the graph reads
+    empty = ib.padded(2, max_seq_len=32)  # graphs are captured on padding alone: still a decode batch
+    assert empty.meta.decode_only and empty.meta.max_query_len == 1 and empty.meta.max_seq_len == 32
+    assert x.meta.decode_only and x.meta.block_tables.shape == (4, 8)
+    captured = ib.padded(4, max_seq_len=32)
+    x = ib.prepare([1, 2], [[5], [6]], [3, 9], [[], []], [1, 3], [True, True], pad_to=4, max_seq_len=32)
     assert captured.input_ids.tolist() == [5, 6, 0, 0] and captured.positions.tolist() == [3, 9, 0, 0]
     assert captured.meta.slot_mapping.tolist() == [2 * BS + 3, 1 * BS + 1, -1, -1]
     assert captured.meta.seq_lens.tolist() == [4, 10, 1, 1]
