@@ -73,7 +73,8 @@ def verify(opts: VerifyOptions) -> Report:
     if opts.tp < 1:
         raise VerifyInputError(f"--tp must be at least 1, not {opts.tp}")
     if opts.tp > 1 and opts.device.startswith("cuda") and torch.cuda.device_count() < opts.tp:
-        raise VerifyInputError(f"--tp {opts.tp} needs {opts.tp} GPUs (one per rank); {torch.cuda.device_count()} visible")
+        raise VerifyInputError(f"--tp {opts.tp} needs {opts.tp} GPUs (one per rank); "
+                               f"{torch.cuda.device_count()} visible")
     _quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="porter-verify-") as tmp:
         start = time.perf_counter()
@@ -164,7 +165,8 @@ def check_engine(opts: VerifyOptions, ckpt: Path, hf_config, cls: type, source: 
 
     if opts.always_localise or not report.passed:
         try:
-            report.localisation = localise(engine_model, ref.model, extended_prompts(ref.prompts, ref.greedy), device, dtype, ref.model_fp32)
+            report.localisation = localise(engine_model, ref.model, extended_prompts(prompts, ref.greedy), device,
+                                           dtype, ref.model_fp32)
         except Exception as exc:  # noqa: BLE001 - localisation is best effort on top of the verdict
             report.notes.append(f"localisation failed: {_describe(exc)}")
         else:

@@ -71,9 +71,9 @@ def merge_weight_reports(reports: list[WeightReport]) -> WeightReport:
     return merged
 
 
-def run_tp_checks(opts, dtype: torch.dtype, ckpt: Path, cls: type, source, ref, report, describe) -> bool:
-    """Fill `report` with the TP=`opts.tp` checks, weight report and rank-0 localisation. Returns whether
-    the engine ran (False: it did not start, and only a `build` check was added)."""
+def run_tp_checks(opts, dtype: torch.dtype, ckpt: Path, cls: type, source, ref, report, describe) -> None:
+    """Fill `report` with the TP=`opts.tp` checks, weight report and rank-0 localisation (only a failed
+    `build` check when the N-rank engine does not start)."""
     device, prompts = opts.device, ref.prompts
     low_precision = dtype != torch.float32
     try:
@@ -81,7 +81,7 @@ def run_tp_checks(opts, dtype: torch.dtype, ckpt: Path, cls: type, source, ref, 
     except Exception as exc:  # noqa: BLE001 - a model that cannot start on N ranks is a parity failure
         report.checks.append(Check("build", False, {}, f"the TP={opts.tp} engine did not start: "
                                                        f"{describe_tp(exc, describe)}"))
-        return False
+        return
     steps = _Steps(llm, describe)
     try:
         greedy, err = steps.run("greedy_tokens", lambda: check_greedy(
@@ -94,8 +94,8 @@ def run_tp_checks(opts, dtype: torch.dtype, ckpt: Path, cls: type, source, ref, 
             llm.collective_rpc(rank_prefill_logits, (prompts,), rank0_only=True)[0], ref.logits,
             low_precision=low_precision, atol=opts.atol, hf_fp32=ref.logits_fp32))
         # the TP=1 order: prefill, greedy, logprobs
-        report.checks += [prefill or Check("prefill_logits", False, {}, err_p)]
-        report.checks += greedy or [Check("greedy_tokens", False, {}, err)]
+        report.checks.append(prefill if prefill is not None else Check("prefill_logits", False, {}, err_p))
+        report.checks += greedy if greedy is not None else [Check("greedy_tokens", False, {}, err)]
         if err_w:
             report.notes.append(f"weight report: {err_w}")
         if opts.always_localise or not report.passed:
@@ -113,7 +113,6 @@ def run_tp_checks(opts, dtype: torch.dtype, ckpt: Path, cls: type, source, ref, 
                     "norms, embeddings, logits); sharded points are not compared")
     finally:
         llm.shutdown()
-    return True
 
 
 class _Steps:
