@@ -8,16 +8,22 @@ sliding layers). The block then returns its output alone and callers stop unpack
 from __future__ import annotations
 
 import builtins
+import re
 
 import libcst as cst
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import code, contains, loads, methods, param_names, parse_stmt, self_call_attr
+from porter.convert.engine_imports import add_import, bound_names
 from porter.convert.specialise import callee_map
 
 # attention-interface keyword -> Attention constructor keyword (None: meaningless at inference)
 _KWARGS = {"scaling": "scale", "sliding_window": "sliding_window", "softcap": "logits_soft_cap",
-           "s_aux": "sinks", "sinks": "sinks", "dropout": None, "position_ids": None, "is_causal": None}
+           "s_aux": "sinks", "sinks": "sinks", "dropout": None, "position_ids": None, "is_causal": None,
+           "alibi_slopes": "alibi_slopes"}
+# head counts the inline-attention normaliser read off the q/k layouts (they override the parallel
+# pass's guess for a block whose linears are not sharded)
+_HEADS = ("num_heads", "num_kv_heads", "head_size")
 
 
 def _mentions_interface(node: cst.CSTNode) -> bool:
@@ -30,7 +36,7 @@ class AttentionCall(Pass):
 
     def visit_Module(self, node: cst.Module) -> None:
         self.module_names = {s.name.value for s in node.body if isinstance(s, (cst.ClassDef, cst.FunctionDef))}
-        self.module_names |= set(dir(builtins))
+        self.module_names |= set(dir(builtins)) | {"alibi_slopes", "local_heads"}  # engine helpers it imports
         for s in node.body:
             if isinstance(s, cst.SimpleStatementLine):
                 for small in s.body:
@@ -44,6 +50,20 @@ class AttentionCall(Pass):
 
     def visit_ClassDef(self, node):
         self._cls.append(node.name.value)
+
+    _weights_read: set[str] = set()
+
+    def visit_FunctionDef(self, node) -> None:
+        self._weights_read = set()
+
+    def leave_FunctionDef(self, original, updated):
+        """A caller that passes the attention weights on (`return out, attn_weights`) passes None."""
+        if not self._weights_read:
+            return updated
+        names, self._weights_read = self._weights_read, set()
+        self.note(original, f"{original.name.value}: attention weights {', '.join(sorted(names))} are None "
+                            "(the engine does not return them)")
+        return updated.with_changes(body=updated.body.visit(_NoneFor(names)))
 
     def leave_ClassDef(self, original: cst.ClassDef, updated: cst.ClassDef):
         name = self._cls.pop()
@@ -59,6 +79,8 @@ class AttentionCall(Pass):
         if isinstance(t, cst.Tuple) and len(t.elements) == 2:
             self.note(original, f"`{code(t)} = self.{self_call_attr(updated.value)}(...)`: the attention block "
                                 "returns its output only")
+            if isinstance(t.elements[1].value, cst.Name) and t.elements[1].value.value != "_":
+                self._weights_read.add(t.elements[1].value.value)
             return updated.with_changes(targets=[updated.targets[0].with_changes(target=t.elements[0].value)])
         return updated
 
@@ -68,35 +90,56 @@ class AttentionCall(Pass):
         cfg = param_names(init)[1] if len(param_names(init)) > 1 else "config"
         ctor: dict[str, str] = {}
         weights_var: list[str] = []
-        out_body = []
-        found = False
-        for stmt in fwd.body.body:
-            if isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1:
-                small = stmt.body[0]
-                value = small.value if isinstance(small, (cst.Assign, cst.AnnAssign)) else None
-                if value is not None and not isinstance(value, cst.Call) and _mentions_interface(value) or \
-                        isinstance(value, cst.Call) and _mentions_interface(value.func):
-                    self.note(stmt, "dropped the attention-interface lookup")
-                    continue
-                if isinstance(small, cst.Assign) and isinstance(value, cst.Call) and \
-                        isinstance(value.func, cst.Name) and self._is_interface_var(fwd, value.func.value):
-                    new = self._replace_call(stmt, small, value, ctor, weights_var, cfg, fwd)
-                    if new is not None:
-                        out_body.append(new)
-                        found = True
+        calls: list[dict[str, str]] = []
+
+        def rewrite(stmts) -> list:
+            out_body = []
+            for stmt in stmts:
+                if isinstance(stmt, cst.If):  # calls in config branches (inline attention, normalised)
+                    stmt = stmt.visit(_NestedBlocks(rewrite))
+                elif isinstance(stmt, cst.SimpleStatementLine) and len(stmt.body) == 1:
+                    small = stmt.body[0]
+                    value = small.value if isinstance(small, (cst.Assign, cst.AnnAssign)) else None
+                    if value is not None and not isinstance(value, cst.Call) and _mentions_interface(value) or \
+                            isinstance(value, cst.Call) and _mentions_interface(value.func):
+                        self.note(stmt, "dropped the attention-interface lookup")
                         continue
-            out_body.append(stmt)
-        if not found:
+                    if isinstance(small, cst.Assign) and isinstance(value, cst.Call) and \
+                            isinstance(value.func, cst.Name) and self._is_interface_var(fwd, value.func.value):
+                        one: dict[str, str] = {}
+                        new = self._replace_call(stmt, small, value, one, weights_var, cfg, fwd)
+                        if new is not None:
+                            calls.append(one)
+                            out_body.append(new)
+                            continue
+                out_body.append(stmt)
+            return out_body
+
+        out_body = rewrite(fwd.body.body)
+        if not calls:
             self.refuse(original, f"attention `{cls.name.value}`", "no `out, weights = attention_interface(...)` call")
             return cls
+        if any(c != calls[0] for c in calls):
+            self.refuse(original, f"attention `{cls.name.value}`", "its attention-interface calls differ in "
+                                                                  "arguments; one engine Attention cannot serve them")
+            return cls
+        ctor.update(calls[0])
         fwd = fwd.with_changes(body=fwd.body.with_changes(body=out_body))
         fwd = fwd.visit(_DropWeights(set(weights_var)))
         fwd = fwd.with_changes(returns=cst.Annotation(cst.parse_expression("torch.Tensor")))
+        sharded = self.ctx.sharded.get(cls.name.value, False)
+        read = {k: ctor.pop(k) for k in _HEADS if k in ctor}
         heads = self.ctx.attn_heads.get(cls.name.value)
+        if heads is None and not sharded and len(read) == len(_HEADS):
+            heads = tuple(read[k] for k in _HEADS)
         if heads is None:
             self.refuse(original, f"attention `{cls.name.value}`", "head counts unknown")
             return cls
         num_heads, num_kv, head_size = heads
+        if not sharded:  # replicated block: all heads on every rank, as the q/k layouts say
+            num_heads, num_kv, head_size = (read.get(k, v) for k, v in zip(_HEADS, (num_heads, num_kv, head_size)))
+        if "alibi_slopes" in ctor and sharded:
+            ctor["alibi_slopes"] = f"local_heads({ctor['alibi_slopes']})"
         scale = ctor.pop("scale", f"{head_size}**-0.5")
         extra = "".join(f"    {k}={v},\n" for k, v in ctor.items())
         kv_line = f"    num_kv_heads={num_kv},\n" if num_kv != num_heads else ""  # default: as many as heads
@@ -107,6 +150,13 @@ class AttentionCall(Pass):
         init = init.with_changes(body=init.body.with_changes(body=[*init.body.body, attn]))
         body = [init if s is ms["__init__"] else fwd if s is ms["forward"] else s for s in cls.body.body]
         return cls.with_changes(body=cls.body.with_changes(body=body))
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        text = updated.code
+        for name in ("alibi_slopes", "local_heads"):
+            if re.search(rf"\b{name}\(", text) and name not in bound_names(updated):
+                updated = add_import(updated, "porter.engine.layers.alibi", name)
+        return updated
 
     def _is_interface_var(self, fwd: cst.FunctionDef, name: str) -> bool:
         for stmt in fwd.body.body:
@@ -129,6 +179,9 @@ class AttentionCall(Pass):
             if a.keyword is None:
                 continue
             key = a.keyword.value
+            if key in _HEADS:
+                ctor[key] = code(a.value)
+                continue
             if key not in _KWARGS:
                 self.refuse(stmt, f"attention keyword `{key}`", "no engine Attention equivalent is known")
                 continue
@@ -150,6 +203,38 @@ class AttentionCall(Pass):
             return None
         self.note(stmt, f"attention-interface call -> `{code(out)} = self.attn({q}, {k}, {v})`")
         return stmt.with_changes(body=[cst.parse_statement(f"{code(out)} = self.attn({q}, {k}, {v})\n").body[0]])
+
+
+class _NoneFor(cst.CSTTransformer):
+    def __init__(self, names: set[str]):
+        super().__init__()
+        self.names = names
+
+    def leave_Name(self, original, updated):
+        return cst.Name("None") if updated.value in self.names else updated
+
+    def leave_Arg(self, original, updated):
+        return updated.with_changes(keyword=original.keyword)
+
+    def leave_Attribute(self, original, updated):
+        return updated.with_changes(attr=original.attr)
+
+    def leave_AssignTarget(self, original, updated):
+        return updated.with_changes(target=original.target)
+
+
+class _NestedBlocks(cst.CSTTransformer):
+    """Applies a statement-list rewrite to the blocks of an `if` (and its elif/else)."""
+
+    def __init__(self, rewrite):
+        super().__init__()
+        self.rewrite = rewrite
+
+    def visit_IndentedBlock(self, node) -> bool:
+        return False
+
+    def leave_IndentedBlock(self, original, updated):
+        return updated.with_changes(body=self.rewrite(updated.body))
 
 
 class _DropWeights(cst.CSTTransformer):

@@ -21,10 +21,14 @@ from porter.convert.imports import ResolveRelativeImports
 from porter.convert.layout import tidy_layout
 from porter.convert.normalise_constants import normalise_constants, propagate_constants
 from porter.convert.normalise_conv1d import normalise_conv1d
+from porter.convert.normalise_function_dropout import normalise_function_dropout
 from porter.convert.normalise_heads import normalise_kv_heads
+from porter.convert.normalise_inline_attention import normalise_inline_attention
 from porter.convert.normalise_inputs import normalise_inputs
 from porter.convert.normalise_mla import drop_line_padding, normalise_mla
 from porter.convert.normalise_moe import normalise_moe
+from porter.convert.normalise_logits_name import normalise_logits_name
+from porter.convert.normalise_return_dict import normalise_return_dict
 from porter.convert.normalise_positions import positions_given, unused_embedding_inputs
 from porter.convert.normalise_shapes import normalise_shapes
 from porter.convert.normalise_wrapper import normalise_wrapper
@@ -84,10 +88,14 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
 
     # normalisations: older or MoE idioms rewritten into the forms the passes below convert
     step("mla", lambda m: normalise_mla(m, ctx))
+    step("inline_attention", lambda m: normalise_inline_attention(m, ctx))
     step("shapes", lambda m: normalise_shapes(m, ctx))
     step("moe", lambda m: normalise_moe(m, ctx))
     step("conv1d", lambda m: normalise_conv1d(m, ctx))
     step("wrapper", lambda m: normalise_wrapper(m, ctx))
+    step("return_dict", lambda m: normalise_return_dict(m, ctx))
+    step("logits_name", lambda m: normalise_logits_name(m, ctx))
+    step("function_dropout", lambda m: normalise_function_dropout(m, ctx))
     # the normalisations rebuild the tree: index lines on the code the passes see (the source itself
     # unless a normalisation rewrote something)
     ctx.lines = SourceLines(module)
