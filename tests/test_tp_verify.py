@@ -47,6 +47,15 @@ def test_converted_qwen2_tp2_passes_and_rank0_compares_whole_tensors_only():
     assert report.divergence is None and "rank 0 of 2" in report.localisation["scope"]
 
 
+def test_bf16_tp2_meets_the_error_ratio_rule():
+    """bf16 over gloo: each rank's partial sums are rounded before the all-reduce, one rounding more than
+    at TP=1; the port must still add no more error than HF itself in bf16 (ratio <= 1.2)."""
+    report = verify(VerifyOptions(target=str(FIXTURE), builtin=True, tp=2, dtype="bfloat16", prompts=3, max_tokens=4))
+    assert report.passed, report.to_dict()
+    prefill = report.checks[0]
+    assert prefill.name == "prefill_logits" and 0.5 < prefill.metrics["error_ratio"] <= 1.2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tp", "4"], "cannot be split over --tp 4: num_attention_heads=6 is not divisible by 4"),
     (["--tp", "0"], "--tp must be at least 1"),
