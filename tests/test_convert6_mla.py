@@ -39,11 +39,12 @@ def converted(tmp_path_factory):
     dict(q_lora_rank=24, topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=1.5),
     dict(q_lora_rank=None, topk_method="greedy"),
     dict(q_lora_rank=None, topk_method="greedy", rope_parameters=YARN),  # yarn: mscale in the softmax scale
-], ids=["q_lora-grouped", "q_proj-greedy", "yarn"])
+    dict(q_lora_rank=24, topk_method="greedy", v_head_dim=40),  # v wider than q/k: q and k padded instead
+], ids=["q_lora-grouped", "q_proj-greedy", "yarn", "wide-v"])
 def test_deepseek_v2_matches_hf(converted, extra, tmp_path):
     from transformers import AutoConfig
 
-    AutoConfig.for_model("deepseek_v2", **TINY, **extra).save_pretrained(tmp_path / "cfg")
+    AutoConfig.for_model("deepseek_v2", **{**TINY, **extra}).save_pretrained(tmp_path / "cfg")
     _verify(str(tmp_path / "cfg"), converted[1])
 
 
@@ -125,12 +126,14 @@ def test_latent_attention_recognised_by_dataflow():
     code, ctx = _normalise(MLA)
     assert "self.wq = ColumnParallelLinear(" in code and "self.up = ColumnParallelLinear(" in code
     assert "self.down = ReplicatedLinear(" in code and "self.wo = RowParallelLinear(" in code
-    assert ctx.attn_heads["Latent"] == ("divide(self.n, get_tp_world_size())",) * 2 + ("(self.nope + self.rope)",)
+    assert ctx.attn_heads["Latent"] == ("divide(self.n, get_tp_world_size())",) * 2 + \
+        ("max(self.nope + self.rope, self.vdim)",)
     # flat tokens: heads from the projections' widths, one rope key broadcast to every head
     assert "qn, qr = torch.split(q.unflatten(-1, (-1, qk_head_size)), [self.nope, self.rope], dim=-1)" in code
     assert "qr, kr = rope(qr, kr.unsqueeze(1), freqs)" in code
     assert "kn, v = torch.split(kv_1, [self.nope, self.vdim], dim=-1)" in code  # the forward had a `kv`
-    assert "v = torch.nn.functional.pad(v, (0, qk_head_size - self.vdim))" in code
+    assert "head_size = max(qk_head_size, self.vdim)" in code
+    assert "v = torch.nn.functional.pad(v, (0, head_size - self.vdim))" in code
     assert "scaling=0.1" in code and "out = self.wo(out)[0]" in code
     assert code.count(".flatten(-2).type_as(") == 2 and ".flatten(3)" not in code
     assert "view(b, s" not in code and "transpose(1, 2)" not in code
@@ -195,6 +198,16 @@ def test_unsupported_latent_variant_is_refused_with_its_line():
     line = next(i for i, text in enumerate(src.splitlines(), 1) if "q = self.wq(x)" in text)
     with pytest.raises(ConversionError, match=rf"snippet.py:{line}: cannot convert multi-head latent attention "
                                               r"`Latent`: q is not split once into \[self.nope, self.rope\]"):
+        _normalise(src)
+
+
+def test_unmodelled_computation_is_refused_not_dropped():
+    """The forward is regenerated from the recognised parts: a statement computing anything else (here a
+    scale on the latent) would be lost, so the converter refuses it by line."""
+    src = MLA.replace("        kv = self.up(", "        lat = lat * self.rank\n        kv = self.up(")
+    line = next(i for i, text in enumerate(src.splitlines(), 1) if "lat = lat * self.rank" in text)
+    with pytest.raises(ConversionError, match=rf"snippet.py:{line}: cannot convert multi-head latent attention "
+                                              r"`Latent`: `lat = lat \* self.rank` computes on a tensor"):
         _normalise(src)
 
 

@@ -12,7 +12,9 @@ names:
 - rope: `q_pe, k_pe = rope(q_pe, k_pe, ...)` with a module-level function, on the rope parts only;
 - `out, w = attention_interface(self, q, k, v, ...)`, then one output linear.
 The forward is rewritten on flat tokens: q = cat(q_nope, q_pe) and k = cat(k_nope, k_pe shared by every
-head). The paged cache stores the full per-head k and v, not the compressed latent. The projections that
+head); q, k and v are zero-padded to one head size (the engine Attention's contract), the output sliced
+back. Any other computation in the forward is refused, never dropped. The paged cache stores the full
+per-head k and v, not the compressed latent (a follow-up). The projections that
 produce whole heads (q, kv_b) become column-parallel, the latent down-projections replicated, the output
 projection row-parallel, so tensor parallelism splits heads cleanly. The rope function's
 `view_as_real(..).flatten(3)` (which assumed [batch, heads, seq, dim]) becomes `flatten(-2)`.
@@ -24,6 +26,7 @@ import libcst as cst
 from porter.convert.context import Context
 from porter.convert.cst_util import classes, code, contains, dotted, loads, methods, param_names, self_attr, \
     is_pure, self_call_attr, target_names
+from porter.convert.specialise import NONE_PARAMS
 
 _LINEAR = ("nn.Linear", "torch.nn.Linear", "Linear")
 _INTERFACE = "ALL_ATTENTION_FUNCTIONS"
@@ -196,6 +199,30 @@ class MLA:
             if set(loads(e)) & set(assigns):
                 raise Unsupported(e, f"head-part size `{code(e)}` depends on forward-time values")
         self.heads = self._heads()
+        self._check_nothing_else()
+
+    def _check_nothing_else(self) -> None:
+        """The rewrite regenerates the forward from the parts above, so every other statement of it (and of
+        the helper methods it calls) must be batch-shape bookkeeping, a re-layout of a tensor, the HF cache
+        branch, or the q/k assembly: anything that computes on tensors otherwise is refused, never dropped."""
+        known = {id(s) for s in (self.q_stmt, self.rope_source, *self.rope_prelude, *self.iface_lookup)}
+        modules = {self.kv_norm, *self.linears}
+        helpers = {self_call_attr(c) for c in self._calls_of_any(self.fwd)} & set(methods(self.cls)) - {"forward"}
+        for fn in [self.fwd, *(methods(self.cls)[h] for h in sorted(helpers))]:
+            tensors = {p for p in param_names(fn)[1:]}
+            for stmt in fn.body.body:
+                if id(stmt) in known or _cache_branch(stmt):
+                    continue
+                for small in _statements_of(stmt) if isinstance(stmt, cst.SimpleStatementLine) else [stmt]:
+                    if small is self.iface_stmt:
+                        continue
+                    why = _unmodelled(small, tensors, modules | helpers)
+                    if why:
+                        raise Unsupported(small, f"`{code(small).strip()[:70]}` {why}; the latent-attention "
+                                                 "rewrite would drop it")
+                    if isinstance(small, cst.Assign) and _reads_tensor(small.value, tensors):
+                        for t in small.targets:
+                            tensors |= set(target_names(t.target) or [])
 
     def _calls_of(self, fn, attr) -> list[cst.Call]:
         out = []
@@ -312,6 +339,7 @@ class MLA:
             reads = set(loads(flat)) - {self.q_pe, self.k_pe, "self"} - params - bound
             if reads & set(self.assigns):
                 raise Unsupported(s, f"the rope call reads forward-time values ({', '.join(sorted(reads & set(self.assigns)))})")
+            self.rope_source = s
             return flat, prelude, [v for _, v in calls]
         raise Unsupported(self.fwd, f"no `q_pe, k_pe = rope({self.q_pe}, {self.k_pe}, ...)` on the rope parts")
 
@@ -339,6 +367,66 @@ class MLA:
             raise Unsupported(self.cls, "the q, kv_b and output projections are not sized `heads * head_dim` "
                                         "with one head count")
         return heads.pop()
+
+
+_LAYOUT_CALLS = {"view", "reshape", "transpose", "contiguous", "expand", "unsqueeze", "flatten", "new_empty",
+                 "copy_", "split", "torch.split", "torch.cat"}
+
+
+def _cache_branch(stmt: cst.BaseStatement) -> bool:
+    """`if past_key_values is not None: ...` without else: HF's cache, which inference folds away."""
+    t = stmt.test if isinstance(stmt, cst.If) and stmt.orelse is None else None
+    return isinstance(t, cst.Comparison) and isinstance(t.left, cst.Name) and t.left.value in NONE_PARAMS and \
+        len(t.comparisons) == 1 and isinstance(t.comparisons[0].operator, cst.IsNot) and \
+        code(t.comparisons[0].comparator) == "None"
+
+
+def _reads_tensor(expr: cst.CSTNode, tensors: set[str]) -> bool:
+    """Whether `expr` reads a tensor other than through its `.shape` (shape bookkeeping is not)."""
+    found = []
+
+    class V(cst.CSTVisitor):
+        def visit_Attribute(self, n):
+            return n.attr.value != "shape"
+
+        def visit_Call(self, n):
+            return not (isinstance(n.func, cst.Attribute) and n.func.attr.value in ("size", "dim"))
+
+        def visit_Name(self, n):
+            if n.value in tensors:
+                found.append(n)
+
+    expr.visit(V())
+    return bool(found)
+
+
+def _unmodelled(small: cst.CSTNode, tensors: set[str], modules: set[str]) -> str | None:
+    """Why `small` computes something the rewrite does not model (None when it does not)."""
+    if isinstance(small, cst.Return):
+        return None
+    if not isinstance(small, (cst.Assign, cst.Expr)):
+        return "is not an assignment"
+    bad: list[str] = []
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, n):
+            name = dotted(n.func) or (n.func.attr.value if isinstance(n.func, cst.Attribute) else code(n.func))
+            if self_call_attr(n) in modules or name in _LAYOUT_CALLS or \
+                    isinstance(n.func, cst.Attribute) and n.func.attr.value in _LAYOUT_CALLS:
+                return True
+            if not _reads_tensor(n, tensors):
+                return True
+            bad.append(f"calls `{name}`")
+            return False
+
+        def visit_BinaryOperation(self, n):
+            if _reads_tensor(n, tensors):
+                bad.append("computes on a tensor")
+                return False
+            return True
+
+    small.visit(V())
+    return bad[0] if bad else None
 
 
 def _statements_of(stmt: cst.BaseStatement) -> list[cst.BaseSmallStatement]:
@@ -444,7 +532,7 @@ def _forward_body(m: MLA) -> list[cst.BaseStatement]:
     q_arg, k_arg, v_arg = names
     iface = iface.with_changes(args=[iface.args[0], *(a.with_changes(value=cst.Name(n)) for a, n in zip(
         iface.args[1:4], names)), *iface.args[4:]])
-    qk, kv = _fresh("qk_head_size", used), _fresh("kv", used)
+    qk, kv, head = _fresh("qk_head_size", used), _fresh("kv", used), _fresh("head_size", used)
     src = f"""
 {qk} = {nope} + {rope}
 {m.q_nope}, {m.q_pe} = torch.split({m.q_name}.unflatten(-1, (-1, {qk})), [{nope}, {rope}], dim=-1)
@@ -453,12 +541,17 @@ def _forward_body(m: MLA) -> list[cst.BaseStatement]:
 {m.k_nope}, {m.v} = torch.split({kv}, [{nope}, {v_dim}], dim=-1)
 {q_arg} = torch.cat(({m.q_nope}, {rq}), dim=-1)
 {k_arg} = torch.cat(({m.k_nope}, {rk}.expand(-1, {m.k_nope}.shape[1], -1)), dim=-1)
-# the engine's Attention has one head size for q, k and v: v is zero-padded to the q/k head size; the
-# padded output columns (weighted sums of v's zero columns) are sliced off after it
-{v_arg} = torch.nn.functional.pad({m.v}, (0, {qk} - {v_dim}))
+# the engine's Attention has one head size for q, k and v: all are zero-padded to the larger of the q/k and
+# v head sizes. Zero columns of q and k add nothing to the scores; those of v give zero output columns,
+# sliced off after it.
+{head} = max({qk}, {v_dim})
+if {head} > {qk}:
+    {q_arg} = torch.nn.functional.pad({q_arg}, (0, {head} - {qk}))
+    {k_arg} = torch.nn.functional.pad({k_arg}, (0, {head} - {qk}))
+{v_arg} = torch.nn.functional.pad({m.v}, (0, {head} - {v_dim}))
 """
     tail = f"""
-{m.out} = {m.out}.unflatten(-1, (-1, {qk}))[..., : {v_dim}].flatten(-2)
+{m.out} = {m.out}.unflatten(-1, (-1, {head}))[..., : {v_dim}].flatten(-2)
 {m.out} = self.{m.o}({m.out})[0]
 return {m.out}, {m.weights}
 """
@@ -585,7 +678,7 @@ def normalise_mla(module: cst.Module, ctx: Context) -> cst.Module:
             continue
         rope_fns |= {code(c.func) for c in m.rope_calls}
         heads = f"divide({m.heads}, get_tp_world_size())"
-        ctx.attn_heads[name] = (heads, heads, f"({code(m.nope)} + {code(m.rope)})")
+        ctx.attn_heads[name] = (heads, heads, f"max({code(m.nope)} + {code(m.rope)}, {code(m.v_dim)})")
         ctx.report.change("mla", ctx.lines.of(cls),
                           f"{name}: latent attention -> flat q/k/v per head (q {'+'.join(m.q_linears)}, latent "
                           f"{m.kv_a} -> {m.kv_norm} -> {m.kv_b}, output {m.o}); k/v cached per head, v padded "
