@@ -211,7 +211,8 @@ class LLM:
         """Bytes of model weights each rank holds. Under TP the sum exceeds the TP=1 size by what is
         replicated rather than split: norms and other vectors every rank keeps whole, biases of
         row-parallel layers, KV-head projections when there are fewer KV heads than ranks, and
-        replicated linears; the vocabulary padding can also grow (padded to a multiple of 64 * ranks)."""
+        replicated linears; the vocabulary padding can also grow (the 64-padded vocabulary is rounded up
+        to a multiple of the rank count)."""
         return self.collective_rpc(rank_weight_bytes)
 
     def weight_bytes(self) -> int:
