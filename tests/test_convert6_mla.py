@@ -203,11 +203,15 @@ def test_unsupported_latent_variant_is_refused_with_its_line():
 
 def test_unmodelled_computation_is_refused_not_dropped():
     """The forward is regenerated from the recognised parts: a statement computing anything else (here a
-    scale on the latent) would be lost, so the converter refuses it by line."""
-    src = MLA.replace("        kv = self.up(", "        lat = lat * self.rank\n        kv = self.up(")
-    line = next(i for i, text in enumerate(src.splitlines(), 1) if "lat = lat * self.rank" in text)
+    scale on the rope key) would be lost, so the converter refuses it by line."""
+    src = MLA.replace("        kv = self.up(", "        kr = kr * 2.0\n        kv = self.up(")
+    line = next(i for i, text in enumerate(src.splitlines(), 1) if "kr = kr * 2.0" in text)
     with pytest.raises(ConversionError, match=rf"snippet.py:{line}: cannot convert multi-head latent attention "
-                                              r"`Latent`: `lat = lat \* self.rank` computes on a tensor"):
+                                              r"`Latent`: `kr = kr \* 2.0` computes on a tensor"):
+        _normalise(src)
+    # the un-normed latent used elsewhere than the norm: also refused
+    src = MLA.replace("        kv = self.up(", "        lat = lat * 2.0\n        kv = self.up(")
+    with pytest.raises(ConversionError, match=r"the latent `lat` is read other than by `self.down_norm`"):
         _normalise(src)
 
 

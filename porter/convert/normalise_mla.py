@@ -166,6 +166,7 @@ class MLA:
             raise Unsupported(fwd, "no latent kv projection split into [latent, rope] with the latent normed")
         (self.latent, self.k_pe), self.kv_a, (self.rank, self.rope) = latent
         self.kv_norm = self._norm_of(self.latent)
+        self._check_latent_only_normed()
         self._check_reads_hidden(self.kv_a)
         # the interface call and the output projection
         self.iface_stmt, self.iface_lookup = self._interface()
@@ -200,6 +201,22 @@ class MLA:
                 raise Unsupported(e, f"head-part size `{code(e)}` depends on forward-time values")
         self.heads = self._heads()
         self._check_nothing_else()
+
+    def _check_latent_only_normed(self) -> None:
+        """The un-normed latent feeds the norm and nothing else (until its name is rebound)."""
+        live = False
+        for stmt in self.fwd.body.body:
+            smalls = _statements_of(stmt)
+            if not live:
+                live = any(isinstance(x, cst.Assign) and self.latent in (target_names(x.targets[0].target) or [])
+                           for x in smalls)
+                continue
+            normed = sum(1 for c in self._calls_of(stmt, self.kv_norm) if loads(c)[self.latent])
+            if loads(stmt)[self.latent] != normed:
+                raise Unsupported(stmt, f"the latent `{self.latent}` is read other than by `self.{self.kv_norm}`")
+            if any(isinstance(x, cst.Assign) and self.latent in (target_names(x.targets[0].target) or [])
+                   for x in smalls):
+                return
 
     def _check_nothing_else(self) -> None:
         """The rewrite regenerates the forward from the parts above, so every other statement of it (and of
