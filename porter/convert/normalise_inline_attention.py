@@ -152,6 +152,15 @@ def _int(node) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _slice_size(s: cst.Slice) -> str | None:
+    """`[:n]` -> n, `[a:b]` -> (b) - (a) when both bounds count from the start; None otherwise."""
+    lo, hi = s.lower, s.upper
+    if s.step is not None or hi is None or code(hi).lstrip().startswith("-") or \
+            lo is not None and code(lo).lstrip().startswith("-"):
+        return None
+    return code(hi) if lo is None or _int(lo) == 0 else f"({code(hi)}) - ({code(lo)})"
+
+
 def _e(src: str) -> cst.BaseExpression:
     return cst.parse_expression(src)
 
@@ -284,7 +293,7 @@ class _Function:
                     new_dims.append(Dim("O", str(len(s.value.elements))))
                 flat.append(code(s.value))  # an integer index drops the dim
                 continue
-            new_dims.append(Dim("O", None))
+            new_dims.append(Dim("O", _slice_size(s)))
             flat.append(code(cst.Subscript(cst.Name("x"), [e.with_changes(comma=cst.MaybeSentinel.DEFAULT)]))[2:-1])
         if all(f == ":" for f in flat):
             return base, Tensor(tuple(new_dims))
