@@ -9,7 +9,9 @@ names:
 - q: one statement binding one name from the other linears of `hidden` (a plain `self.q(hidden)` or a
   low-rank `self.qb(self.norm(self.qa(hidden)))`, possibly chosen by an `if`), viewed per head and split
   `[NOPE, P]`;
-- rope: `q_pe, k_pe = rope(q_pe, k_pe, ...)` with a module-level function, on the rope parts only;
+- rope: `q_pe, k_pe = rope(q_pe, k_pe, ...)` (possibly an if/else between rope functions), on the rope
+  parts only; the functions are kept as written (HF's convention: per-token cos/sin broadcast over a head
+  dim at 1 holds on flat [tokens, heads, dim] too);
 - `out, w = attention_interface(self, q, k, v, ...)`, then one output linear.
 The forward is rewritten on flat tokens: q = cat(q_nope, q_pe) and k = cat(k_nope, k_pe shared by every
 head); q, k and v are zero-padded to one head size (the engine Attention's contract), the output sliced
@@ -54,8 +56,8 @@ def _linear_calls(value: cst.BaseExpression) -> list[cst.Call]:
     return out
 
 
-def _statements(fn: cst.FunctionDef):
-    """Every simple statement of `fn`, nested ones included, in order."""
+def _statements(node: cst.CSTNode) -> list[cst.BaseSmallStatement]:
+    """Every simple statement in `node` (a function or a statement), nested ones included, in order."""
     out: list[cst.BaseSmallStatement] = []
 
     class V(cst.CSTVisitor):
@@ -63,7 +65,7 @@ def _statements(fn: cst.FunctionDef):
             out.extend(n.body)
             return False
 
-    fn.body.visit(V())
+    node.visit(V())
     return out
 
 
@@ -139,13 +141,7 @@ class MLA:
         if "__init__" not in ms or "forward" not in ms:
             raise Unsupported(cls, "it has no __init__ or forward")
         self.init, self.fwd = ms["__init__"], ms["forward"]
-        self.linears = {}
-        for s in self.init.body.body:
-            for small in getattr(s, "body", []) if isinstance(s, cst.SimpleStatementLine) else []:
-                if isinstance(small, cst.Assign) and self_attr(small.targets[0].target):
-                    calls = _linear_calls(small.value)
-                    if calls:
-                        self.linears[self_attr(small.targets[0].target)] = calls
+        self.linears = {a: _linear_calls(s.value) for a, s in _linear_attrs(cls)}
         params = param_names(self.fwd)
         if len(params) < 2:
             raise Unsupported(self.fwd, "forward takes no hidden states")
@@ -206,7 +202,7 @@ class MLA:
         """The un-normed latent feeds the norm and nothing else (until its name is rebound)."""
         live = False
         for stmt in self.fwd.body.body:
-            smalls = _statements_of(stmt)
+            smalls = _statements(stmt)
             if not live:
                 live = any(isinstance(x, cst.Assign) and self.latent in (target_names(x.targets[0].target) or [])
                            for x in smalls)
@@ -228,12 +224,9 @@ class MLA:
         for fn in [self.fwd, *(methods(self.cls)[h] for h in sorted(helpers))]:
             tensors = {p for p in param_names(fn)[1:]}
             for stmt in fn.body.body:
-                if id(stmt) in known or _cache_branch(stmt):
-                    continue
-                for small in _statements_of(stmt) if isinstance(stmt, cst.SimpleStatementLine) else [stmt]:
-                    if small is self.iface_stmt:
-                        continue
-                    why = _unmodelled(small, tensors, modules | helpers)
+                checked = not (id(stmt) in known or _cache_branch(stmt))
+                for small in _statements(stmt) if isinstance(stmt, cst.SimpleStatementLine) or not checked else [stmt]:
+                    why = checked and small is not self.iface_stmt and _unmodelled(small, tensors, modules | helpers)
                     if why:
                         raise Unsupported(small, f"`{code(small).strip()[:70]}` {why}; the latent-attention "
                                                  "rewrite would drop it")
@@ -299,7 +292,7 @@ class MLA:
             used = [a for a in others if self._calls_of(s, a)]
             if not used or not isinstance(s, (cst.If, cst.SimpleStatementLine)):
                 continue
-            assigns = _statements_of(s)
+            assigns = _statements(s)
             chains = [self._chain(small.value) if isinstance(small, cst.Assign) else None for small in assigns]
             bound = {code(small.targets[0].target) for small in assigns if isinstance(small, cst.Assign)}
             if None in chains or len(bound) != 1:
@@ -331,14 +324,14 @@ class MLA:
         params = set(param_names(self.fwd))
         for s in self.fwd.body.body:
             calls = []
-            for small in _statements_of(s):
+            for small in _statements(s):
                 v = small.value if isinstance(small, cst.Assign) else None
                 if isinstance(v, cst.Call) and isinstance(v.func, cst.Name) and len(v.args) >= 2 and \
                         code(v.args[0].value) == self.q_pe and self.k_pe in self._upstream(v.args[1].value):
                     calls.append((small, v))
             if not calls:
                 continue
-            if not isinstance(s, (cst.If, cst.SimpleStatementLine)) or len(calls) != len(_statements_of(s)) or \
+            if not isinstance(s, (cst.If, cst.SimpleStatementLine)) or len(calls) != len(_statements(s)) or \
                     any(not (isinstance(a.targets[0].target, cst.Tuple) and len(a.targets[0].target.elements) == 2)
                         for a, _ in calls):
                 raise Unsupported(s, "expected only `q_pe, k_pe = rope(q_pe, k_pe, ...)` assignments")
@@ -361,7 +354,7 @@ class MLA:
         raise Unsupported(self.fwd, f"no `q_pe, k_pe = rope({self.q_pe}, {self.k_pe}, ...)` on the rope parts")
 
     def rope_calls_targets(self) -> list[cst.BaseElement]:
-        small = next(x for x in _statements_of(self.rope_stmt) if isinstance(x, cst.Assign))
+        small = next(x for x in _statements(self.rope_stmt) if isinstance(x, cst.Assign))
         return list(small.targets[0].target.elements)
 
     def _upstream(self, expr: cst.BaseExpression) -> set[str]:
@@ -423,6 +416,8 @@ def _unmodelled(small: cst.CSTNode, tensors: set[str], modules: set[str]) -> str
         return None
     if not isinstance(small, (cst.Assign, cst.Expr)):
         return "is not an assignment"
+    if isinstance(small, cst.Assign) and any(target_names(t.target) is None for t in small.targets):
+        return "writes into a tensor"
     bad: list[str] = []
 
     class V(cst.CSTVisitor):
@@ -444,18 +439,6 @@ def _unmodelled(small: cst.CSTNode, tensors: set[str], modules: set[str]) -> str
 
     small.visit(V())
     return bad[0] if bad else None
-
-
-def _statements_of(stmt: cst.BaseStatement) -> list[cst.BaseSmallStatement]:
-    out: list = []
-
-    class V(cst.CSTVisitor):
-        def visit_SimpleStatementLine(self, n):
-            out.extend(n.body)
-            return False
-
-    stmt.visit(V())
-    return out
 
 
 def _names_upstream(assigns, name: str, seen: set[str] | None = None) -> set[str]:
@@ -538,7 +521,6 @@ class _QChains(cst.CSTTransformer):
 
 def _forward_body(m: MLA) -> list[cst.BaseStatement]:
     nope, rope, v_dim, rank = (code(e) for e in (m.nope, m.rope, m.v_dim, m.rank))
-    qk = f"({nope} + {rope})"
     rq, rk = (code(e.value) for e in m.rope_calls_targets())
     iface = m.iface_stmt.value
     used = set(m.assigns) | {m.k_nope, m.v}
@@ -573,12 +555,13 @@ if {head} > {qk}:
 return {m.out}, {m.weights}
 """
     q_stmt = m.q_stmt.visit(_QChains(m))
-    head, rest = cst.parse_module(src).body[:3], cst.parse_module(src).body[3:]
+    parsed = list(cst.parse_module(src).body)
+    first, rest = parsed[:3], parsed[3:]
     # the rope statement as written (it may choose between rope functions), the key's rope part viewed as
     # one head shared by all: [T, 1, rope]
     rope_stmt = m.rope_stmt.with_changes(leading_lines=[])
     prelude = [p.with_changes(leading_lines=[]) for p in m.rope_prelude]
-    body = [q_stmt.with_changes(leading_lines=[]), *head, *prelude, rope_stmt, *rest]
+    body = [q_stmt.with_changes(leading_lines=[]), *first, *prelude, rope_stmt, *rest]
     body += [*m.iface_lookup, cst.SimpleStatementLine([m.iface_stmt.with_changes(value=iface)])]
     return body + list(cst.parse_module(tail).body)
 
@@ -698,8 +681,8 @@ def normalise_mla(module: cst.Module, ctx: Context) -> cst.Module:
         ctx.attn_heads[name] = (heads, heads, f"max({code(m.nope)} + {code(m.rope)}, {code(m.v_dim)})")
         ctx.report.change("mla", ctx.lines.of(cls),
                           f"{name}: latent attention -> flat q/k/v per head (q {'+'.join(m.q_linears)}, latent "
-                          f"{m.kv_a} -> {m.kv_norm} -> {m.kv_b}, output {m.o}); k/v cached per head, v padded "
-                          f"from {code(m.v_dim)} to the q/k head size")
+                          f"{m.kv_a} -> {m.kv_norm} -> {m.kv_b}, output {m.o}); k/v cached per head, q/k/v "
+                          "zero-padded to one head size")
     ctx.report.raise_if_refused()
     if not rewritten:
         return module
