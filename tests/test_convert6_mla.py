@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import libcst as cst
+import torch
 import pytest
 
 from porter.convert import ConversionError
@@ -249,3 +250,35 @@ def test_deepseek_v2_tp2_matches_tp1(tmp_path):
     assert full[attn + "o_proj.weight"] == (64, 32) and rank0[attn + "o_proj.weight"] == (64, 16)
     assert rank0[attn + "kv_a_proj_with_mqa.weight"] == full[attn + "kv_a_proj_with_mqa.weight"] == (48, 64)
     assert rank0["model.layers.1.mlp.experts.w13_weight"] == (4, 32, 64)
+
+
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_deepseek_v3_matches_hf(rope_interleave, tmp_path):
+    """Another MLA file: the rope chosen by an if/else between an interleaved and a rotate-half function on
+    `cos, sin = position_embeddings`; sigmoid routing with a score-correction bias (a persistent buffer, loaded
+    as a frozen parameter; set non-zero here since verify's perturbation moves parameters only)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from porter.verify.run import VerifyOptions, verify
+    from porter.verify.tiny import make_tiny_checkpoint
+
+    result, out = _convert("deepseek_v3", tmp_path)
+    assert "e_score_correction_bias = nn.Parameter(" in result.code
+    AutoConfig.for_model("deepseek_v3", **TINY, q_lora_rank=24, n_group=2, topk_group=1,
+                         rope_interleave=rope_interleave).save_pretrained(tmp_path / "cfg")
+    ckpt = make_tiny_checkpoint(str(tmp_path / "cfg"), tmp_path / "ckpt")
+    weights = load_file(ckpt / "model.safetensors")
+    biases = [k for k in weights if k.endswith("e_score_correction_bias")]
+    assert biases
+    gen = torch.Generator().manual_seed(0)
+    weights.update({k: torch.randn(weights[k].shape, generator=gen) for k in biases})
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    report = verify(VerifyOptions(target=str(ckpt), model_file=out, max_tokens=12))
+    assert report.passed, [f"{c.name}: {c.detail}" for c in report.checks if not c.passed]
+
+
+def test_glm4_moe_lite_matches_hf(tmp_path):
+    """Its tiny config has v heads (256) wider than q/k heads (192 + 16): q and k are the padded ones."""
+    _, out = _convert("glm4_moe_lite", tmp_path)
+    _verify("glm4_moe_lite", out)

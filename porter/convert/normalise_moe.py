@@ -328,6 +328,44 @@ def _top_k_finder(module: cst.Module, info: dict[str, dict]):
     return find
 
 
+class _BufferToParameter(cst.CSTTransformer):
+    """`self.x = nn.Buffer(t)` (persistent: saved in checkpoints) -> `nn.Parameter(t, requires_grad=False)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def leave_Assign(self, original, updated):
+        v = updated.value
+        if self_attr(updated.targets[0].target) and isinstance(v, cst.Call) and \
+                (dotted(v.func) or "").endswith(("nn.Buffer", "torch.nn.Buffer")) and len(v.args) == 1:
+            self.names.append(self_attr(updated.targets[0].target))
+            return updated.with_changes(value=cst.parse_expression(
+                f"nn.Parameter({code(v.args[0].value)}, requires_grad=False)"))
+        return updated
+
+
+def _router_buffers_as_parameters(module: cst.Module, ctx: Context) -> cst.Module:
+    """A router's persistent buffers (e.g. a routing-score correction bias) are checkpoint tensors, and the
+    generated load_weights loads parameters: they become frozen parameters in the classes a FusedMoE block
+    constructs (its router)."""
+    cls_map = classes(module)
+    routers = {dotted(v.func) for c in cls_map.values() if any(
+        isinstance(v, cst.Call) and dotted(v.func) == "FusedMoE" for _, v in init_assignments(c))
+        for _, v in init_assignments(c) if isinstance(v, cst.Call) and dotted(v.func) in cls_map}
+    body = []
+    for s in module.body:
+        if isinstance(s, cst.ClassDef) and s.name.value in routers:
+            v = _BufferToParameter()
+            new = s.visit(v)
+            if v.names:
+                ctx.report.change("moe", ctx.lines.of(s), f"{s.name.value}: persistent buffer(s) "
+                                  f"{', '.join(v.names)} -> frozen nn.Parameter (loaded from the checkpoint)")
+                s = new
+        body.append(s)
+    return module.with_changes(body=body)
+
+
 def normalise_moe(module: cst.Module, ctx: Context) -> cst.Module:
     """Rewrite every recognised experts class to FusedMoE; sets ctx.moe_normalised when it did."""
     found = find_experts(module)
@@ -344,5 +382,6 @@ def normalise_moe(module: cst.Module, ctx: Context) -> cst.Module:
     ctx.report.raise_if_refused()
     module = module.visit(_RewriteUsers(ctx, experts, info, _top_k_finder(module, info)))
     ctx.report.raise_if_refused()
+    module = _router_buffers_as_parameters(module, ctx)
     ctx.moe_experts = {info[n]["gate_up"]: info[n]["down"] for n in info}
     return module
