@@ -16,7 +16,9 @@ stays, and
 The sizes come from the experts class's own parameter shapes, with its `self.x` attributes and
 constructor parameters substituted by the caller's expressions. Anything else that looks like experts
 (per-expert biases, a transposed `[E, H, 2*I]` layout, experts as a ModuleList) is refused by name
-and line. The checkpoint side (per-expert keys on disk) is in `expert_weights.py`.
+and line. The checkpoint side (per-expert keys on disk) is in `expert_weights.py`. The router stays HF
+code (greedy, grouped, sigmoid-with-bias routing, scaling: whatever the file computes); its persistent
+buffers become frozen parameters, since the generated load_weights loads parameters.
 """
 from __future__ import annotations
 
