@@ -80,6 +80,8 @@ def bench_porter(ckpt: Path, model_file: str, prompts, olens, max_num_seqs: int)
     outs, secs = timed(lambda: llm.generate(prompts, params))
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     assert gen == sum(olens), (gen, sum(olens))
+    print(f"porter, {len(prompts)} requests: {llm.runner.num_kv_blocks} KV blocks, "
+          f"{llm.scheduler.num_preemptions} preemptions, {secs:.2f} s")
     return {"llm": llm, "seconds": secs, "tokens": gen}
 
 
