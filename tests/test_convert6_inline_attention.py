@@ -34,7 +34,7 @@ from convert6_helpers import convert as _convert, verify_tiny as _verify
 def test_bloom_matches_hf(tmp_path):
     result, out = _convert("bloom", tmp_path)
     code = result.code
-    assert "alibi_slopes=alibi_slopes(self.num_heads) * (self.beta)" in code  # once, at construction
+    assert "alibi_slopes=alibi_slopes(self.num_heads) * self.beta" in code  # once, at construction
     assert "build_alibi_tensor" not in code and "baddbmm" not in code and "alibi" not in code.split(
         "def forward")[1].split("def ")[0]  # no per-forward ALiBi plumbing left in the first forward
     _verify("bloom", out)
@@ -186,7 +186,7 @@ def _run_both(src: str, cls_name: str):
 
 def test_custom_named_inline_attention_runs_the_same_on_flat_tokens():
     code = _run_both(_MIXER, "TokenMixer")
-    assert "attention_interface(self, q, k, v, None, scaling=(1 / (math.sqrt(self.width))), " \
+    assert "attention_interface(self, q, k, v, None, scaling=(1 / math.sqrt(self.width)), " \
            "num_heads=self.n_head, num_kv_heads=(self.n_head + self.n_kv) - (self.n_head)" in code
     assert "fused.reshape(fused.shape[0], self.n_head + 2 * self.n_kv, self.width)" in code
     assert "ctx.reshape(x.shape[0], -1)" in code and "transpose" not in code and "softmax" not in code
@@ -203,6 +203,7 @@ def test_sdpa_call_runs_the_same_on_flat_tokens():
     ("probs = self.drop(scores.softmax(dim=-1))", "probs = self.drop(scores.softmax(dim=2))"),
     ("probs = self.drop(scores.softmax(dim=-1))", "probs = self.drop((scores + x.sum()).softmax(dim=-1))"),
     ("ctx = ctx.transpose(1, 2).reshape(bsz, seqlen, -1)", "ctx = ctx.reshape(bsz, -1, seqlen)"),
+    ("ctx = ctx.transpose(1, 2).reshape(bsz, seqlen, -1)", "ctx = torch.flip(ctx, [2]).reshape(bsz, seqlen, -1)"),
 ])
 def test_unproven_constructs_are_refused_with_file_and_line(change, construct):
     src = _MIXER.replace(change, construct)

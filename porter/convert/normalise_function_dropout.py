@@ -45,16 +45,18 @@ class _CallSites(cst.CSTTransformer):
 
 
 def _plain_calls(module: cst.Module, name: str) -> bool:
-    """Every call of `name` passes plain positional/keyword arguments (no *args/**kwargs)."""
-    ok = [True]
+    """`name` is called by name, and every call passes plain positional/keyword arguments (no
+    *args/**kwargs). A function only passed around as a value (an attention implementation) is not."""
+    calls, ok = [0], [True]
 
     class V(cst.CSTVisitor):
         def visit_Call(self, n):
-            if dotted(n.func) == name and any(a.star for a in n.args):
-                ok[0] = False
+            if dotted(n.func) == name:
+                calls[0] += 1
+                ok[0] = ok[0] and not any(a.star for a in n.args)
 
     module.visit(V())
-    return ok[0]
+    return ok[0] and calls[0] > 0
 
 
 def normalise_function_dropout(module: cst.Module, ctx: Context) -> cst.Module:

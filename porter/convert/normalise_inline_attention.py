@@ -118,6 +118,11 @@ class Conflict:  # bound to different layouts on two paths: an error only if rea
     pass
 
 
+@dataclass
+class _Parts:  # `x.split(size)`: pieces of one layout, as many as the unpacking takes
+    tensor: Tensor
+
+
 def _product(dims) -> tuple[str, ...] | None:
     out = []
     for d in dims:
@@ -159,6 +164,13 @@ def _slice_size(s: cst.Slice) -> str | None:
             lo is not None and code(lo).lstrip().startswith("-"):
         return None
     return code(hi) if lo is None or _int(lo) == 0 else f"({code(hi)}) - ({code(lo)})"
+
+
+def _atom(src: str) -> str:
+    """`src` parenthesised unless it is already one operand (a name, attribute, call, number)."""
+    node = cst.parse_expression(src)
+    simple = (cst.Name, cst.Attribute, cst.Call, cst.Subscript, cst.Integer, cst.Float)
+    return src if isinstance(node, simple) and not node.lpar else f"({src})"
 
 
 def _e(src: str) -> cst.BaseExpression:
@@ -339,6 +351,9 @@ class _Function:
         if isinstance(op, cst.Add) and isinstance(self.ev(node.right)[1], Scores):
             return node, self._score_op(node, self.ev(node.right)[1], op, node.left)
         right, rv = self.ev(node.right)
+        if all(not isinstance(v, (Size, Tensor, Scores, Probs, Shape, Multi)) or isinstance(v, Size) and v.dim.kind == "O"
+               for v in (lv, rv)):  # arithmetic on a head or feature size (already the flat dim's size)
+            return node.with_changes(left=left, right=right), None
         if isinstance(lv, Size) or isinstance(rv, Size):
             if isinstance(op, cst.FloorDivide) and isinstance(lv, Size) and lv.dim.kind == "BX" and rv is None \
                     and code(node.right) == lv.dim.size:
@@ -358,7 +373,7 @@ class _Function:
         if isinstance(op, (cst.Multiply, cst.Divide)):
             if self.mentions(other) or self._forward_inputs(other):
                 self.refuse(node, f"`{code(node)[:60]}`", "scales the scores by a forward-time value")
-            factor = f"({other_code})" if isinstance(op, cst.Multiply) else f"(1 / ({other_code}))"
+            factor = _atom(other_code) if isinstance(op, cst.Multiply) else f"(1 / {_atom(other_code)})"
             return Scores(s.q, s.k, s.q_t, s.k_t, s.scale + [factor],
                           None if s.bias is None else s.bias + [factor], s.bias_param)
         if isinstance(op, cst.Add):
@@ -488,7 +503,12 @@ class _Function:
             return self.block.helper_call(self, node, attr)
         if attr is not None or (isinstance(f, cst.Attribute) and self.mentions(f)):
             self.refuse(node, f"`{code(node)[:60]}`", "a call on tensors the flat-layout rewrite does not know")
-        # any other function: shape-preserving on its tensor arguments (HF's rotary apply, dropout_add)
+        # any other function: taken to act per element or on the last dim of its tensor arguments (HF's
+        # rotary apply, dropout_add, F.linear), as the rest of the converter assumes; one given a dim,
+        # an axis or integer sizes may reshape, and is refused
+        if any(a.keyword is not None and a.keyword.value in ("dim", "axis", "dims", "size", "shape") or
+               _int(a.value) is not None or isinstance(a.value, (cst.Tuple, cst.List)) for a in node.args):
+            self.refuse(node, f"`{code(node)[:60]}`", "a function given dims or sizes of batch-first tensors")
         args, tracked = [], []
         for a in node.args:
             n, v = self.ev(a.value)
@@ -518,11 +538,11 @@ class _Function:
             self.refuse(node, f"`{code(node)[:60]}`", "baddbmm without its two batches")
         _, s = self._matmul(node, b1, b2)
         beta, alpha = kw.get("beta"), kw.get("alpha")
-        scale = [f"({code(alpha)})"] if alpha is not None else []
+        scale = [_atom(code(alpha))] if alpha is not None else []
         inputs = self._forward_inputs(bias)
         if not (len(inputs) == 1 and inputs[0] in self.block.alibi):
             self.refuse(node, f"`{code(node)[:60]}`", "a baddbmm bias that is not standard ALiBi")
-        return node, Scores(s.q, s.k, s.q_t, s.k_t, scale, [f"({code(beta)})"] if beta is not None else [], inputs[0])
+        return node, Scores(s.q, s.k, s.q_t, s.k_t, scale, [_atom(code(beta))] if beta is not None else [], inputs[0])
 
     def _sdpa(self, node: cst.Call):
         pos = [a.value for a in node.args if a.keyword is None]
@@ -540,7 +560,7 @@ class _Function:
         for key in kw:
             if key not in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"):
                 self.refuse(node, f"`{code(node)[:60]}`", f"keyword `{key}` has no engine equivalent")
-        s = Scores(q, k, qv, kv, [f"({code(kw['scale'])})"] if "scale" in kw and code(kw["scale"]) != "None" else [])
+        s = Scores(q, k, qv, kv, [_atom(code(kw["scale"]))] if "scale" in kw and code(kw["scale"]) != "None" else [])
         return self._core(node, s, v, vv)
 
     def _core_method(self, node, v, m):
@@ -559,6 +579,8 @@ class _Function:
     def _tensor_method(self, node: cst.Call, recv, t: Tensor, m: str):
         if m in ("view", "reshape"):
             return self._reshape(node, recv, t)
+        if m == "size" and not node.args:
+            return node.with_changes(func=node.func.with_changes(value=recv)), Shape(t, recv)
         if m in _SAME_LAYOUT:
             args = [a.with_changes(value=self.ev(a.value)[0]) for a in node.args]
             return node.with_changes(func=node.func.with_changes(value=recv), args=args), t
@@ -604,7 +626,12 @@ class _Function:
             if dim is None:
                 args.append(cst.Arg(_e(str(fd)), keyword=cst.Name("dim")))
             parts = Tensor(t.dims[: d % n] + (Dim("O", None),) + t.dims[d % n + 1:])
-            return node.with_changes(func=node.func.with_changes(value=recv), args=args), Multi([parts] * 8)
+            count = _int(node.args[0].value) if m == "chunk" else None
+            if count is None and isinstance(node.args[0].value, (cst.Tuple, cst.List)):
+                count = len(node.args[0].value.elements)
+            # as many parts as the unpacking names (a split size leaves the count to the tensor)
+            return node.with_changes(func=node.func.with_changes(value=recv), args=args), \
+                Multi([parts] * count) if count else _Parts(parts)
         self.refuse(node, f"`{code(node)[:60]}`", f"`.{m}(...)` on a batch-first tensor")
 
     def _permuted(self, node, recv, t: Tensor, order: list[int]):
@@ -642,8 +669,6 @@ class _Function:
             _product(t.dims[s_old + 1:]) == _product(new.dims[s_new + 1:])
         if not (pre_ok or post_ok):
             self.refuse(node, f"`{code(node)[:60]}`", "cannot prove it keeps the sequence dim apart from the others")
-        rest = ["-1" if d is None else (d.size or "-1") for d in
-                (x for i, x in enumerate(dims) if x is None or x.kind not in ("B", "S"))]
         rest = [self._arg_code(args, dims, i) for i, d in enumerate(dims) if d is None or d.kind not in ("B", "S")]
         tokens = "-1" if pre_ok and post_ok and "-1" not in rest else self.tokens
         return _e(f"{code(recv)}.reshape({', '.join([tokens, *rest])})"), new
@@ -844,7 +869,7 @@ class _Function:
             names = [e.value for e in target.elements]
             if isinstance(v, Shape):
                 return self._shape_unpack(small, stmt, names, v)
-            items = v.items if isinstance(v, Multi) else None
+            items = [v.tensor] * len(names) if isinstance(v, _Parts) else v.items if isinstance(v, Multi) else None
             if items is None or len(items) < len(names):
                 self.refuse(stmt, f"`{code(small)[:60]}`", "unpacks a value the rewrite does not track")
             for e, item in zip(names, items):
@@ -1055,7 +1080,7 @@ def _same_kwargs(fn: _Function) -> None:
     for key in set(a["kwargs"]) | set(b["kwargs"]):
         x, y = yes["kwargs"].get(key), no["kwargs"].get(key)
         if x != y:
-            yes["kwargs"][key] = no["kwargs"][key] = f"({x or 'None'}) if {test} else ({y or 'None'})"
+            yes["kwargs"][key] = no["kwargs"][key] = f"{x or 'None'} if {test} else {y or 'None'}"
 
 
 # ------------------------------------------------------------------ ALiBi inputs
@@ -1116,6 +1141,18 @@ def _producers(module, attn, name: str, funcs) -> set[str]:
     return out
 
 
+def _assigns(fn: cst.FunctionDef, name: str) -> bool:
+    found = []
+
+    class V(cst.CSTVisitor):
+        def visit_AssignTarget(self, n: cst.AssignTarget):
+            if name in _target_names(n.target):
+                found.append(n)
+
+    fn.visit(V())
+    return bool(found)
+
+
 def _called(node) -> set[str]:
     out = set()
 
@@ -1163,7 +1200,6 @@ def normalise_inline_attention(module: cst.Module, ctx: Context) -> cst.Module:
         return module
     # facts the rewrite relies on (the engine's own attention runs: `_attn_implementation` tests fold)
     module = normalise_constants(module, ctx)
-    cls_map = classes(module)
     new_body = list(module.body)
     changed = False
     biases: set[str] = set()
@@ -1235,7 +1271,7 @@ def _drop_bias(module: cst.Module, name: str, converted: set[str], ctx: Context)
     body = []
     for stmt in module.body:
         if isinstance(stmt, cst.ClassDef) and stmt.name.value not in converted and "forward" in methods(stmt) and \
-                re.search(rf"^\s*{name}\s*=", code(methods(stmt)["forward"]), re.M):
+                _assigns(methods(stmt)["forward"], name):
             ctx.report.change("inline_attention", ctx.lines.of(stmt),
                               f"{stmt.name.value}: the ALiBi input `{name}` is no longer built (slopes live in "
                               "the engine Attention)")
