@@ -60,7 +60,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     return max(1, min(want, useful, config.max_splits))
 
 
-@triton.jit
+# the block-table width varies per eager step: one compiled variant for all widths
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
     part_out_ptr, part_lse_ptr, out_ptr,

@@ -88,7 +88,8 @@ def _attend_tile(q, q_pos, n0, hi, m_i, l_i, acc, d, d_mask,
     return m_new, l_i, acc
 
 
-@triton.jit
+# the block-table width varies per eager step: one compiled variant for all widths
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     alibi_ptr, sinks_ptr,

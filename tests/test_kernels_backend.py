@@ -1,4 +1,6 @@
 """The Triton attention backend agrees with the torch reference backend through the engine's metadata."""
+import os
+
 import pytest
 import torch
 
@@ -120,3 +122,18 @@ def test_attention_layer_runs_the_triton_backend():
             outs[name] = layer(q, k, v)
     torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-4, rtol=1e-4)
     assert torch.equal(layers["triton"].k_cache, layers["torch"].k_cache)
+
+
+def test_table_width_is_not_a_compile_time_specialisation():
+    """An eager step's block-table width follows its longest context: were it specialised (== 1, divisible
+    by 16), a new width class would compile a kernel variant in the middle of serving (seconds on a GPU).
+    Checked on the compiled (not interpreted) kernels, which decorate without a GPU."""
+    import subprocess
+    import sys
+
+    code = ("from porter.kernels.decode_attention import _decode_split_kernel as d\n"
+            "from porter.kernels.prefill_attention import _prefill_kernel as p\n"
+            "print([q.do_not_specialize for k in (p, d) for q in k.params if q.name == 'stride_bt'])")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["[True,", "True]"], out.stderr[-2000:]
