@@ -64,7 +64,8 @@ def analyse(module: cst.Module, ctx: Context) -> None:
                           "it routes tokens to experts; porter convert does not rewrite MoE blocks yet")
         if _MLA.search(text) and name not in ctx.attn_heads:  # normalise_mla converted it (and set its heads)
             report.refuse(f"multi-head latent attention `{name}`", lines.of(cls),
-                          "low-rank compressed q/kv projections (MLA) are not supported by porter convert yet")
+                          "its low-rank q/kv projections do not follow the latent dataflow porter converts "
+                          "(a projection split into [latent, rope] parts, the latent normed, then projected per head)")
         for attr, ctor in children[name].items():
             if ctor and ctor.endswith("Conv1D"):
                 report.refuse(f"Conv1D layer `{name}.{attr}`", lines.of(cls),
