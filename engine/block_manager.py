@@ -81,8 +81,8 @@ class BlockManager:
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register seq's full blocks whose K/V is now computed (call after each step)."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.num_computed_tokens // self.block_size <= seq.num_hashed_blocks:
+            return  # no block filled since the last call (most decode steps)
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full <= seq.num_hashed_blocks:
             return

@@ -42,7 +42,7 @@ class StepInput:
     @classmethod
     def from_batch(cls, batch: ScheduledBatch, finished_seq_ids: list[int]) -> "StepInput":
         seqs, counts = batch.seqs, batch.num_new_tokens
-        sample = [batch.samples(i) for i in range(len(seqs))]
+        sample = batch.sample
         blocks_from = [s.num_synced_blocks for s in seqs]
         tables = []
         for s in seqs:

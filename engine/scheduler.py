@@ -25,6 +25,12 @@ from porter.engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens each sequence computes this step
+    # sequence i reaches its last token this step (its prefill finishes, or it decodes): it samples
+    sample: list[bool] = None
+
+    def __post_init__(self):
+        if self.sample is None:
+            self.sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)]
 
     @property
     def num_tokens(self) -> int:
@@ -35,9 +41,7 @@ class ScheduledBatch:
         return all(n == 1 for n in self.num_new_tokens)
 
     def samples(self, i: int) -> bool:
-        """Sequence i reaches its last token this step (its prefill finishes, or it decodes): it samples."""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+        return self.sample[i]
 
 
 class Scheduler:
@@ -161,7 +165,7 @@ class Scheduler:
                ) -> list[Sequence]:
         """Apply a step's results: `sampled[j]` is the token of the j-th sampling sequence of the batch.
         Returns the sequences that finished."""
-        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        sampling = [seq for seq, smp in zip(batch.seqs, batch.sample) if smp]
         if len(sampling) != len(sampled):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(sampling)} sampling sequences")
         for seq, n in zip(batch.seqs, batch.num_new_tokens):

@@ -22,8 +22,9 @@ class Sequence:
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams):
         self.seq_id = seq_id
         self.params = params
-        self.token_ids: list[int] = list(prompt_token_ids)
-        self.num_prompt_tokens = len(self.token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)  # grows only through append_token
+        self.num_tokens = len(self.token_ids)  # len(token_ids), kept as a field: the scheduler reads it often
+        self.num_prompt_tokens = self.num_tokens
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens: int | None = None  # prompt tokens hit in the prefix cache, first admission
@@ -37,12 +38,8 @@ class Sequence:
         self.error: str | None = None
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -58,6 +55,7 @@ class Sequence:
 
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         self.token_ids.append(token_id)
+        self.num_tokens += 1
         if self.logprobs is not None:
             self.logprobs.append(logprobs or {})
 
