@@ -43,7 +43,8 @@ _SOFTMAX = {"F.softmax", "torch.softmax", "nn.functional.softmax", "torch.nn.fun
 _SDPA = {"F.scaled_dot_product_attention", "torch.nn.functional.scaled_dot_product_attention",
          "nn.functional.scaled_dot_product_attention", "scaled_dot_product_attention"}
 _MATMUL = {"torch.matmul", "torch.bmm"}
-_SAME_LAYOUT = {"contiguous", "float", "half", "bfloat16", "to", "type_as", "clone", "detach"}
+_SAME_LAYOUT = {"contiguous", "float", "half", "bfloat16", "to", "type_as", "clone", "detach",  # elementwise
+                "clamp", "clip", "tanh", "sigmoid", "neg", "abs", "exp", "sqrt", "pow"}
 # the standard ALiBi slopes: 2^(-8/n)^i over the closest power of two n below the head count
 _ALIBI_POW2 = re.compile(r"2\s*\*\*\s*math\.floor\(\s*math\.log2\(")
 _ALIBI_BASE = re.compile(r"2\s*\*\*\s*\(\s*-\s*\(\s*2\s*\*\*\s*-\s*\(\s*math\.log2\([^)]*\)\s*-\s*3\s*\)\s*\)\s*\)")
@@ -235,6 +236,10 @@ class _Function:
                 Multi([v for _, v in out])
         if isinstance(node, (cst.ListComp, cst.GeneratorExp)):
             return self._comprehension(node)
+        if isinstance(node, cst.IfExp) and not self.mentions(node.test):
+            truth = self.block.truth(node.test)  # `a if past is None else b`: a fact picks the branch
+            if truth is not None:
+                return self.ev(node.body if truth else node.orelse)
         self.refuse(node, f"`{code(node)[:60]}`", "a tensor expression the flat-layout rewrite does not know")
 
     def _attribute(self, node: cst.Attribute):
@@ -260,6 +265,14 @@ class _Function:
                         j = t.rest().index(i % len(t.dims)) + 1
                         return _e(f"{code(v.flat)}.shape[{j}]"), Size(d)
                     return node, Size(d)
+            sl = node.slice[0].slice if len(node.slice) == 1 else None
+            if isinstance(sl, cst.Slice) and sl.step is None and all(
+                    b is None or _int(b) is not None for b in (sl.lower, sl.upper)):
+                lo = _int(sl.lower) if sl.lower is not None else None
+                hi = _int(sl.upper) if sl.upper is not None else None
+                picked = list(range(len(v.tensor.dims)))[lo:hi]
+                if all(v.tensor.dims[i].kind != "O" for i in picked):  # `b, s = x.shape[:2]`
+                    return node, Multi([Size(v.tensor.dims[i]) for i in picked])
             self.refuse(node, f"`{code(node)[:60]}`", "a shape subscript other than one constant index")
         if isinstance(v, Multi):
             if len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index) and \
@@ -872,6 +885,10 @@ class _Function:
             items = [v.tensor] * len(names) if isinstance(v, _Parts) else v.items if isinstance(v, Multi) else None
             if items is None or len(items) < len(names):
                 self.refuse(stmt, f"`{code(small)[:60]}`", "unpacks a value the rewrite does not track")
+            if all(isinstance(i, Size) and i.dim.kind != "O" for i in items) and len(items) == len(names):
+                for e, item in zip(names, items):
+                    self.env[e.value] = item
+                return None  # batch/sequence sizes: only their uses in shape ops matter
             for e, item in zip(names, items):
                 if not isinstance(e, cst.Name):
                     self.refuse(stmt, f"`{code(small)[:60]}`", "unpacks into something other than names")
@@ -1097,7 +1114,9 @@ def _alibi_inputs(module: cst.Module, attn: cst.ClassDef) -> tuple[dict[str, boo
         producers = _producers(module, attn, p, funcs)
         formula = [f for f in producers if _ALIBI_POW2.search(code(funcs[f])) and _ALIBI_BASE.search(code(funcs[f]))]
         if not formula:
-            continue
+            raise Refused(None, f"score bias `{p}`", "a forward input added to the attention scores that the model "
+                                                     "does not build with the standard ALiBi slope formula "
+                                                     f"(built by: {', '.join(sorted(producers)) or 'unknown code'})")
         alibi[p] = any(_BF16.search(code(funcs[f])) for f in producers)
         flags[p] = _gate(module, attn, p)
     return alibi, flags
