@@ -271,3 +271,74 @@ class Block(nn.Module):
     code = normalise_function_dropout(module, ctx).code
     assert "def dropout_add(x, residual):" in code and "out = x" in code
     assert "dropout_add(a, r)" in code and "training" not in code
+
+
+# ---------------------------------------------------------------- a custom file end to end
+_CUSTOM_BLOCK = '''class TokenMixer(nn.Module):
+    """Grouped-query attention computed inline over a fused q/k/v projection split by offsets."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.width = config.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, (self.n_head + 2 * self.n_kv) * self.width, bias=False)
+        self.wo = nn.Linear(self.n_head * self.width, config.hidden_size, bias=False)
+
+    def _heads(self, fused):
+        bsz, seqlen, _ = fused.shape
+        fused = fused.view(bsz, seqlen, self.n_head + 2 * self.n_kv, self.width)
+        q = fused[:, :, : self.n_head]
+        k = fused[:, :, self.n_head : self.n_head + self.n_kv]
+        v = fused[:, :, self.n_head + self.n_kv :]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        bsz, seqlen, _ = hidden_states.shape
+        q, k, v = self._heads(self.wqkv(hidden_states))
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
+                                           enable_gqa=True)
+        y = y.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.wo(y), None
+
+
+'''
+
+
+def test_custom_remote_code_file_with_inline_attention_matches_hf(tmp_path):
+    """The Parallax fixture (a trust_remote_code model) with its attention block rewritten the old way:
+    a custom-named block, grouped kv through SDPA, its own head split helper."""
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "custom_model"
+    src = (fixture / "modeling_parallax.py").read_text()
+    src = src[:src.index("def repeat_kv(")] + src[src.index("class ParallaxMLP"):]  # the interface helpers
+    src = src[:src.index("class ParallaxAttention")] + _CUSTOM_BLOCK + src[src.index("class ParallaxDecoderLayer"):]
+    src = src.replace("from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n",
+                      "from torch.nn import functional as F\n")
+    src = src.replace("ParallaxAttention(config, layer_idx)", "TokenMixer(config, layer_idx)")
+    src = src.replace("if isinstance(module, ParallaxAttention):\n            init.ones_(module.head_scale)\n"
+                      "        elif isinstance(module, ParallaxRotaryEmbedding):",
+                      "if isinstance(module, ParallaxRotaryEmbedding):")
+    assert "ALL_ATTENTION_FUNCTIONS" not in src and "head_scale" not in src
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "configuration_parallax.py"):
+        shutil.copy(fixture / name, model_dir / name)
+    (model_dir / "modeling_parallax.py").write_text(src)
+
+    from porter.convert import convert_file
+
+    result = convert_file(model_dir / "modeling_parallax.py")
+    assert "self.attn(q, k, v)" in result.code and "scaled_dot_product_attention" not in result.code
+    assert "num_kv_heads=(self.n_head + self.n_kv) - (self.n_head)" in result.code.replace("\n", " ").replace(
+        "            ", "")
+    out = tmp_path / "parallax_engine.py"
+    out.write_text(result.code)
+    _verify(str(model_dir), out)

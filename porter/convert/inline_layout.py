@@ -357,10 +357,27 @@ class FlatFunction:
             merged = lv if rv is None else merge(lv, rv)
             if merged is None:
                 self.refuse(node, f"`{code(node)[:60]}`", "combines tensors of different layouts")
+            if rv is None:
+                self._check_broadcast(node, lv, node.right)
             return node.with_changes(left=left, right=right), merged
         if isinstance(rv, Tensor) and lv is None:
+            self._check_broadcast(node, rv, node.left)
             return node.with_changes(left=left, right=right), rv
         self.refuse(node, f"`{code(node)[:60]}`", "an operation on attention scores or weights the rewrite does not know")
+
+    def _check_broadcast(self, node, t: Tensor, other) -> None:
+        """An untracked operand broadcasts the same way on the flat layout when the tensor is token-major
+        ([B, S, ...]: flat drops only B); otherwise one shaped to broadcast over inner dims (`w[:, None]`,
+        `.view(...)`, `.unsqueeze(...)`) would meet other dims on flat tokens."""
+        kinds = [d.kind for d in t.dims]
+        if kinds[:2] in (["B", "S"], ["BX", "S"]) or kinds[:1] == ["S"]:
+            return
+        shaped = "None" in {code(e.slice.value) for n in _subscripts(other) for e in n.slice
+                            if isinstance(e.slice, cst.Index)} or \
+            any(isinstance(c.func, cst.Attribute) and c.func.attr.value in ("view", "reshape", "unsqueeze", "expand")
+                for c in _calls(other))
+        if shaped:
+            self.refuse(node, f"`{code(node)[:60]}`", "broadcasts a shaped tensor over a head-major layout")
 
     def _score_op(self, node, s: Scores, op, other) -> Scores:
         other_code = code(other)
@@ -896,6 +913,28 @@ class FlatFunction:
             return None
         return cst.parse_statement("; ".join(kept) + "\n").body[0] if len(kept) == 1 else \
             self.refuse(stmt, f"`{code(small)[:60]}`", "binds several non-batch sizes")
+
+
+def _subscripts(node) -> list[cst.Subscript]:
+    out = []
+
+    class V(cst.CSTVisitor):
+        def visit_Subscript(self, n):
+            out.append(n)
+
+    node.visit(V())
+    return out
+
+
+def _calls(node) -> list[cst.Call]:
+    out = []
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, n):
+            out.append(n)
+
+    node.visit(V())
+    return out
 
 
 def target_names_of(target) -> list[str]:

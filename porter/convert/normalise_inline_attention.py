@@ -159,6 +159,11 @@ class _Block:
         cfg = init_params[1] if len(init_params) > 1 else "config"
         extra = [cst.parse_statement(f"self.{attr} = {self.flags[p].replace('{config}', cfg)}\n")
                  for p, attr in self.flag_attrs.items()]
+        assigned = {a for a, _ in init_assignments(self.cls)}
+        head_size = fn.cores[0]["kwargs"]["head_size"]
+        if not assigned & {"head_dim", "head_size"} and "self." in head_size:
+            # the head size read off q, under the attribute name the parallel pass looks for
+            extra.append(cst.parse_statement(f"self.head_dim = {head_size}\n"))
         new_init = init.with_changes(body=init.body.with_changes(body=[*init.body.body, *extra]))
         out = []
         for s in self.cls.body.body:
