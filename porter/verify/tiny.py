@@ -33,7 +33,16 @@ _SIZES = {
     "num_local_experts": 4,
     "n_routed_experts": 4,
     "num_experts_per_tok": 2,
+    # latent attention (low-rank q/kv, rope/nope split heads)
+    "q_lora_rank": 48,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
 }
+# routed-expert counts: a config that has one routes, so its top-k must be set even where the
+# default config leaves it None (HF then cannot run its own model)
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def load_config(spec: str) -> tuple[PretrainedConfig, Path | None]:
@@ -71,6 +80,20 @@ def shrink_config(config: PretrainedConfig) -> PretrainedConfig:
                 setattr(config, name, value)
             except AttributeError:  # a derived, read-only property (e.g. head_dim of some configs)
                 pass
+    if any(getattr(config, n, None) for n in _EXPERT_COUNTS):
+        for name, value in (("num_experts_per_tok", 2), ("n_group", 1), ("topk_group", 1)):
+            if hasattr(config, name) and getattr(config, name) is None:
+                setattr(config, name, value)
+        if getattr(config, "n_group", None):  # expert groups must divide the 4 experts
+            config.n_group = min(config.n_group, 2)
+            config.topk_group = min(getattr(config, "topk_group", None) or 1, config.n_group)
+        if getattr(config, "first_k_dense_replace", None):  # leading dense layers: keep one MoE layer
+            config.first_k_dense_replace = min(config.first_k_dense_replace, LAYERS - 1)
+    if getattr(config, "qk_rope_head_dim", None) and hasattr(config, "head_dim"):
+        try:  # latent-attention configs keep head_dim = the rope part's width
+            config.head_dim = config.qk_rope_head_dim
+        except AttributeError:
+            pass
     if kv_heads is not None and heads:
         # keep the attention kind: MHA stays MHA, MQA stays MQA, GQA becomes 2 groups of 2
         setattr(config, "num_key_value_heads", HEADS if kv_heads == heads else 1 if kv_heads == 1 else HEADS // 2)
