@@ -493,6 +493,11 @@ class FlatFunction:
             if isinstance(sv, Scores):
                 self._check_last_dim(node, 1, sv)
                 return node, Probs(sv)
+        if isinstance(f, cst.Call) and (dotted(f.func) or "").endswith("Softmax") and len(node.args) == 1:
+            src, sv = self.ev(node.args[0].value)  # `nn.Softmax(dim=-1)(scores)`
+            if isinstance(sv, Scores):
+                self._check_last_dim(f, 0, sv)
+                return node, Probs(sv)
         if name in _SDPA or name.endswith(".scaled_dot_product_attention"):
             return self._sdpa(node)
         if name == "torch.broadcast_to" and len(node.args) == 2:

@@ -21,13 +21,25 @@ import re
 import libcst as cst
 
 from porter.convert.context import Context
-from porter.convert.cst_util import code, dotted, init_assignments, loads, methods, param_names, self_attr
+from porter.convert.cst_util import code, contains, dotted, init_assignments, loads, methods, param_names, self_attr
 from porter.convert.inline_alibi import alibi_inputs, drop_bias
 from porter.convert.inline_layout import Dim, FlatFunction, Refused, Tensor, core_statement, merge
 from porter.convert.normalise_constants import normalise_constants
 from porter.convert.specialise import FALSE_PARAMS, NONE_PARAMS
 
-_INLINE = re.compile(r"softmax\(|scaled_dot_product_attention\(")
+_INLINE = re.compile(r"softmax\(|scaled_dot_product_attention\(", re.IGNORECASE)  # a cheap text check first
+
+
+def _computes_inline(node: cst.CSTNode) -> bool:
+    """Calls softmax (function, method or nn.Softmax module) or SDPA, not just mentions them."""
+    def hit(n) -> bool:
+        if not isinstance(n, cst.Call):
+            return False
+        f = n.func.func if isinstance(n.func, cst.Call) else n.func
+        name = f.attr.value if isinstance(f, cst.Attribute) else f.value if isinstance(f, cst.Name) else ""
+        return name.lower() == "softmax" or name == "scaled_dot_product_attention"
+
+    return _INLINE.search(code(node)) is not None and contains(node, hit)
 
 
 class _Regenerate(cst.CSTTransformer):
@@ -141,7 +153,7 @@ class _Block:
     def rewrite(self) -> cst.ClassDef | None:
         ms = methods(self.cls)
         fwd = ms.get("forward")
-        if fwd is None or not _INLINE.search(code(fwd)):
+        if fwd is None or not _computes_inline(fwd):
             return None
         params = param_names(fwd)
         if len(params) < 2:
@@ -217,7 +229,14 @@ def normalise_inline_attention(module: cst.Module, ctx: Context) -> cst.Module:
     for i, stmt in enumerate(module.body):
         if not isinstance(stmt, cst.ClassDef) or "forward" not in methods(stmt) or "__init__" not in methods(stmt):
             continue
-        if not _INLINE.search(code(methods(stmt)["forward"])):
+        if not _computes_inline(methods(stmt)["forward"]):
+            helper = next((m for n, m in methods(stmt).items() if n != "forward" and _computes_inline(m)
+                           and f"self.{n}(" in code(methods(stmt)["forward"])), None)
+            if helper is not None:
+                ctx.report.refuse(f"inline attention in `{stmt.name.value}`", ctx.lines.of(stmt),
+                                  f"computed in its helper method `{helper.name.value}` (line "
+                                  f"{ctx.lines.of(helper)}), which the forward calls; only attention computed in "
+                                  "the forward itself is rewritten")
             continue
         try:
             alibi, flags = alibi_inputs(module, stmt)
