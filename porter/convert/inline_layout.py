@@ -414,7 +414,7 @@ class FlatFunction:
         self.refuse(node, f"`{code(node)[:60]}`", "a matrix product that is not q @ k^T or weights @ v")
 
     # the replaced region: q, k, v go to the engine
-    def _core(self, node, s: Scores, v, vt: Tensor, extra: dict | None = None):
+    def _core(self, node, s: Scores, v, vt: Tensor):
         out_t = Tensor(s.q_t.dims[:-1] + (vt.dims[-1],))
         q = s.q
         if not isinstance(q, cst.Name):
@@ -424,7 +424,7 @@ class FlatFunction:
         out = self.hint or self.fresh("attn_output")
         weights = self.weights or self.fresh("attn_weights")
         self.weights = weights
-        kwargs = dict(extra or {})
+        kwargs: dict[str, str] = {}
         if s.scale:
             kwargs["scaling"] = " * ".join(s.scale)
         if s.bias_param is not None:
@@ -489,12 +489,12 @@ class FlatFunction:
         if name in _MATMUL and len(node.args) == 2:
             return self._matmul(node, node.args[0].value, node.args[1].value)
         if name in _SOFTMAX or name.endswith("functional.softmax"):
-            src, sv = self.ev(node.args[0].value)
+            _, sv = self.ev(node.args[0].value)
             if isinstance(sv, Scores):
                 self._check_last_dim(node, 1, sv)
                 return node, Probs(sv)
         if isinstance(f, cst.Call) and (dotted(f.func) or "").endswith("Softmax") and len(node.args) == 1:
-            src, sv = self.ev(node.args[0].value)  # `nn.Softmax(dim=-1)(scores)`
+            _, sv = self.ev(node.args[0].value)  # `nn.Softmax(dim=-1)(scores)`
             if isinstance(sv, Scores):
                 self._check_last_dim(f, 0, sv)
                 return node, Probs(sv)
