@@ -1,19 +1,26 @@
 """Pass 5: parallel layers. `nn.Linear`s of attention and MLP blocks become column/row parallel layers
 by dataflow (a linear that reads the block's input is column-parallel, one that reads anything else is
 row-parallel); q/k/v and gate/up projections that read the same input fuse into `QKVParallelLinear` /
-`MergedColumnParallelLinear`. A block whose column outputs are sliced by offsets (an already fused
-projection such as `qkv[..., :q_size]` or `x.chunk(2)`) would be wrong when sharded, so its linears
-stay `ReplicatedLinear` (correct on any TP size, no memory saving). Vocab embeddings become
+`MergedColumnParallelLinear`. A projection fused in the HF file (one linear whose output forward splits
+into parts, `qkv[..., :q_size]` or `x.chunk(2, dim=-1)`) becomes the fused parallel layer when the parts
+are understood (prefused.py), else its block stays `ReplicatedLinear` (correct on any TP size, no memory
+saving). MLP blocks nested in the decoder's conditionals or inside another block (a MoE block's shared
+expert) are converted too; a MoE block's own linears (gates) stay replicated. Parameters that scale a
+sharded output per head are split with it (sharded_params.py). Vocab embeddings become
 `VocabParallelEmbedding`.
 """
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from pathlib import Path
 
 import libcst as cst
 
 from porter.convert.context import Fusion, Pass
+from porter.convert.prefused import FusedSplit, find_fused_split, rewrite_splits
+from porter.convert.sharded_params import SplitSize, decide, rewrite_init
+from porter.convert.symbolic import Size, size_of
 from porter.convert.cst_util import (
     arg_value,
     code,
@@ -80,6 +87,9 @@ def _sliced_outputs(fwd: cst.FunctionDef, attrs: set[str]) -> cst.CSTNode | None
     def slicing(n) -> bool:
         if isinstance(n, cst.Subscript) and (code(n.value) in produced or self_call_attr(n.value) in attrs):
             return True
+        if isinstance(n, cst.Call) and (dotted(n.func) or "").removeprefix("torch.") in _SLICING_METHODS and \
+                (dotted(n.func) or "").startswith("torch.") and n.args:  # torch.split(x, ...)
+            return code(n.args[0].value) in produced or self_call_attr(n.args[0].value) in attrs
         if isinstance(n, cst.Call) and isinstance(n.func, cst.Attribute) and n.func.attr.value in _SLICING_METHODS:
             base = n.func.value
             while isinstance(base, cst.Call) and isinstance(base.func, cst.Attribute):
@@ -171,6 +181,109 @@ def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
     return None
 
 
+def _assigned(fn: cst.FunctionDef) -> tuple[Counter, dict[str, cst.BaseExpression]]:
+    """How often each name and `self.attr` is assigned in fn (anywhere), and the value of plain
+    single-target assignments (`x = v`, `self.x = v`), keyed "x" / "self.x"."""
+    counts: Counter = Counter()
+    values: dict[str, cst.BaseExpression] = {}
+
+    class V(cst.CSTVisitor):
+        def _target(self, t, value):
+            names = target_names(t)
+            keys = names if names is not None else ([f"self.{self_attr(t)}"] if self_attr(t) else [])
+            for k in keys:
+                counts[k] += 1
+                if value is not None and (isinstance(t, cst.Name) or self_attr(t)):
+                    values[k] = value
+
+        def visit_Assign(self, n):
+            for t in n.targets:
+                self._target(t.target, n.value if len(n.targets) == 1 else None)
+
+        def visit_AugAssign(self, n):
+            self._target(n.target, None)
+
+        def visit_AnnAssign(self, n):
+            self._target(n.target, n.value)
+
+        def visit_For(self, n):
+            self._target(n.target, None)
+
+    fn.visit(V())
+    return counts, values
+
+
+def _resolvers(cls: cst.ClassDef):
+    """Size resolvers for __init__ and forward expressions: a name or `self.attr` assigned once stands
+    for its value (`self.config` -> `config`, `q_pos` -> `self.config.num_attention_heads * self.head_dim`)."""
+    ms = methods(cls)
+    init_counts, init_values = _assigned(ms["__init__"])
+    fwd_counts, fwd_values = _assigned(ms["forward"])
+
+    def make(scopes):
+        def resolve(node):
+            key = f"self.{self_attr(node)}" if self_attr(node) else node.value if isinstance(node, cst.Name) else None
+            if key is None:
+                return None
+            if key.startswith("self."):
+                return init_values.get(key) if init_counts[key] == 1 and fwd_counts[key] == 0 else None
+            for counts, values in scopes:
+                if counts[key]:
+                    return values.get(key) if counts[key] == 1 else None
+            return None
+        return resolve
+
+    return make([(init_counts, init_values)]), make([(fwd_counts, fwd_values), (init_counts, init_values)])
+
+
+def _constructs(cls: cst.ClassDef, names: set[str]) -> set[str]:
+    """Which of `names` the class's __init__ constructs (anywhere, also inside conditionals)."""
+    init = methods(cls).get("__init__")
+    found: set[str] = set()
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, n):
+            if dotted(n.func) in names:
+                found.add(dotted(n.func))
+
+    if init is not None:
+        init.visit(V())
+    return found
+
+
+def nested_dense_blocks(module: cst.Module, roles) -> set[str]:
+    """Linear-bearing classes (with a forward) built by the decoder layer or by an MLP block, anywhere
+    in __init__ (a dense MLP chosen by a per-layer condition, a MoE block and its shared expert), that
+    analyse did not give a role."""
+    cls_map = {s.name.value: s for s in module.body if isinstance(s, cst.ClassDef)}
+    taken = roles.attention | roles.mlp | {roles.decoder, roles.base, roles.causal_lm} | roles.dropped | roles.pretrained
+    found: set[str] = set()
+    frontier = [c for c in [roles.decoder, *roles.mlp] if c in cls_map]
+    while frontier:
+        for built in _constructs(cls_map[frontier.pop()], set(cls_map)):
+            c = cls_map[built]
+            if built in taken or built in found or "forward" not in methods(c):
+                continue
+            if any(_is_linear(v) for _, v in init_assignments(c)) or _constructs(c, {"FusedMoE"}):
+                found.add(built)
+                frontier.append(built)
+    return found
+
+
+def _attention_sizes(hq: Size, hkv: Size, head: Size, total: Size | None) -> dict[Size, SplitSize]:
+    """Sizes an attention block splits over ranks (per-head parameters may follow them)."""
+    out = {hq: SplitSize("query heads"), hq * head: SplitSize("query heads x head size")}
+    if hkv != hq:
+        why = ("its size follows the kv heads, which are replicated rather than split when there are fewer "
+               "kv heads than ranks; splitting such a parameter is not supported")
+        out.setdefault(hkv, SplitSize("kv heads", why))
+        out.setdefault(hkv * head, SplitSize("kv heads x head size", why))
+    if total is not None:
+        out.setdefault(total, SplitSize("fused q/k/v output", "its size is the whole fused q/k/v output, "
+                                        "whose rank slice is made of parts of q, k and v"))
+    return out
+
+
 def tp_plan(filename: str) -> dict[str, str]:
     """`base_model_tp_plan` of the configuration class next to the modeling file, read as source."""
     folder = Path(filename).parent
@@ -198,6 +311,7 @@ class ParallelLinears(Pass):
         from porter.convert.specialise import callee_map
 
         self.plan: dict[tuple[str, str], str] = {}
+        self.dense = nested_dense_blocks(node, self.ctx.roles)
         plan = tp_plan(self.ctx.filename)
         decoder_children = callee_map(node).get(self.ctx.roles.decoder or "", {})
         for key, style in plan.items():
@@ -222,7 +336,7 @@ class ParallelLinears(Pass):
         roles = self.ctx.roles
         if name in roles.embedding_subclasses:
             updated = self._embedding_subclass(original, updated)
-        if name in roles.attention or name in roles.mlp:
+        if name in roles.attention or name in roles.mlp or name in self.dense:
             updated = self._block(original, updated, attention=name in roles.attention)
         return updated
 
@@ -273,7 +387,9 @@ class ParallelLinears(Pass):
             self.refuse(original, f"linear `{name}.{unused[0]}`", "it is never called in forward")
             return cls
         fusions: list[Fusion] = []
+        prefused = None
         why_replicated = None
+        resolve_init, resolve_fwd = _resolvers(cls)
         sliced = _sliced_outputs(fwd, set(column))
         per_head = attention and len(column) == 1 and sliced is not None and \
             "num_key_value_heads" not in code(cls) and _per_head_split(fwd, column[0]) is not None
@@ -281,9 +397,17 @@ class ParallelLinears(Pass):
             self.note(original, f"{column[0]}: q/k/v interleaved per head (view(..., -1, N * head).chunk(N)): "
                                 "column-parallel by heads")
             sliced = None
-        if sliced is not None:
-            why_replicated = (f"the output of {', '.join(column)} is sliced by offsets (`{code(sliced)[:50]}`, "
-                              f"line {self.line(sliced) or '?'}), which column sharding would break")
+        if _constructs(cls, {"FusedMoE"}):
+            why_replicated = "a mixture-of-experts block: its own linears are gates over the whole hidden " \
+                             "state; the experts shard inside FusedMoE"
+        elif sliced is not None:
+            found = self._prefused(cls, linears, column[0], attention, resolve_init, resolve_fwd) \
+                if len(column) == 1 and row else "not one input projection feeding the rest of the block"
+            if isinstance(found, str):
+                why_replicated = (f"the output of {', '.join(column)} is sliced by offsets (`{code(sliced)[:50]}`, "
+                                  f"line {self.line(sliced) or '?'}), which column sharding would break: {found}")
+            else:
+                prefused = found
         elif not column or not row:
             why_replicated = "no column -> row dataflow through the block"
         elif attention and per_head:
@@ -307,12 +431,105 @@ class ParallelLinears(Pass):
         if not sharded:
             self.note(original, f"{name}: linears {', '.join(linears)} -> ReplicatedLinear ({why_replicated})")
         self._check_plan(original, name, linears, column, sharded)
-        if attention:
+        if attention and prefused:
+            p = prefused["split"].attr
+            self.ctx.attn_heads[name] = (f"self.{p}.num_heads", f"self.{p}.num_kv_heads", f"self.{p}.head_size")
+        elif attention:
             self._record_heads(name, cls, linears, fusions, local=per_head)
-        new_init = self._rewrite_init(ms["__init__"], linears, column, fusions, sharded)
-        new_fwd = self._rewrite_forward(fwd, linears, fusions)
+        new_init = self._rewrite_init(ms["__init__"], linears, column, fusions, sharded, prefused)
+        if sharded:
+            sizes = self._split_sizes(cls, linears, column, fusions, prefused, per_head, attention, resolve_init)
+            decision = decide(cls, sizes, set(column), set(row), resolve_init, resolve_fwd)
+            for node, construct, why in decision.refusals:
+                self.refuse(node, construct, why)
+            for node, message in decision.kept:
+                self.note(node, message)
+            for p, (dim, stmt) in decision.shard_dim.items():
+                self.note(stmt, f"{name}.{p}: parameter split over ranks along dim {dim} (it meets the sharded "
+                                f"output of {', '.join(column)}; each rank loads its slice)")
+            if decision.shard_dim:
+                new_init = rewrite_init(new_init, decision.shard_dim)
+        new_fwd = fwd
+        if prefused:
+            new_fwd = rewrite_splits(fwd, prefused["split"], self._part_names(fwd, prefused["split"], attention))
+        new_fwd = self._rewrite_forward(new_fwd, linears, fusions)
         body = [new_init if s is ms["__init__"] else new_fwd if s is fwd else s for s in cls.body.body]
         return cls.with_changes(body=cls.body.with_changes(body=body))
+
+    def _prefused(self, cls, linears, attr, attention, resolve_init, resolve_fwd) -> dict | str:
+        """The fused parallel layer for a linear whose output forward splits into parts, or why not."""
+        in_f, out_f, bias = _linear_parts(linears[attr])
+        total = size_of(out_f, resolve_init)
+        if total is None:
+            return f"its output size `{code(out_f)}` is not a size expression"
+        split = find_fused_split(methods(cls)["forward"], attr, total, resolve_fwd)
+        if isinstance(split, str):
+            return split
+        parts = [p.render() for p in split.parts]
+        if None in parts:
+            return f"its parts {[str(p) for p in split.parts]} are not whole size expressions"
+        if not attention:
+            src = f"self.{attr} = MergedColumnParallelLinear(\n    {code(in_f)},\n    [{', '.join(parts)}],\n" \
+                  f"    bias={bias},\n)\n"
+            return {"split": split, "src": src, "kind": f"MergedColumnParallelLinear (parts {', '.join(parts)})"}
+        assigned = {a for a, _ in init_assignments(cls)}
+        head_attr = next((f"self.{h}" for h in ("head_dim", "head_size") if h in assigned), None)
+        if head_attr is None:
+            return "no self.head_dim / self.head_size to split its parts into heads"
+        head = size_of(cst.parse_expression(head_attr), resolve_init)
+        if len(split.parts) != 3 or split.parts[1] != split.parts[2]:
+            return f"its {len(split.parts)} parts ({', '.join(parts)}) are not q, k, v with k and v of one size"
+        hq, hkv = split.parts[0].over_atom(head), split.parts[1].over_atom(head)
+        if hq is None or hkv is None or hq.render() is None or hkv.render() is None:
+            return f"its parts ({', '.join(parts)}) are not heads x {head_attr}"
+        src = (f"self.{attr} = QKVParallelLinear(\n    hidden_size={code(in_f)},\n    head_size={head_attr},\n"
+               f"    total_num_heads={hq.render()},\n    total_num_kv_heads={hkv.render()},\n    bias={bias},\n)\n")
+        return {"split": split, "src": src, "kind": f"QKVParallelLinear ({hq.render()} q heads, {hkv.render()} kv heads "
+                                                    f"of {head_attr}; the fused checkpoint tensor split into q/k/v)",
+                "heads": (hq, hkv, head, total)}
+
+    def _part_names(self, fwd, split: FusedSplit, attention: bool) -> list[str]:
+        taken = set(loads(fwd)) | {n for n in code(fwd).replace("(", " ").replace(",", " ").split()}
+        stems = ["q", "k", "v"] if attention else [f"{_local(split.attr)}_{i}" for i in range(len(split.parts))]
+        names = []
+        for stem in stems:
+            while stem in taken:
+                stem += "_out"
+            names.append(stem)
+        return names
+
+    def _split_sizes(self, cls, linears, column, fusions, prefused, per_head, attention, resolve_init) -> dict:
+        """The sizes this sharded block splits over ranks, for its per-head / per-channel parameters."""
+        def size(text: str) -> Size | None:
+            return size_of(cst.parse_expression(text), resolve_init)
+
+        if attention:
+            if prefused:
+                return _attention_sizes(*prefused["heads"])
+            if per_head:
+                init = methods(cls)["__init__"]
+                cfg = param_names(init)[1] if len(param_names(init)) > 1 else "config"
+                head = next((f"self.{h}" for h in ("head_dim", "head_size") if h in dict(init_assignments(cls))), None)
+                hq = size(f"{cfg}.num_attention_heads")
+                return _attention_sizes(hq, hq, size(head), None) if head else {}
+            f = fusions[0]
+            outs = [_linear_parts(linears[m])[1] for m in f.members]
+            (hq, hd), (hkv, _) = _split_heads(outs[0]), _split_heads(outs[1])
+            total = sum((size_of(o, resolve_init) or Size() for o in outs), Size())
+            return _attention_sizes(size(hq), size(hkv), size(hd), total)
+        out: dict[Size, SplitSize] = {}
+        fused = {m: f for f in fusions for m in f.members}
+        for a in column:
+            parts = prefused["split"].parts if prefused and prefused["split"].attr == a else \
+                [size_of(_linear_parts(linears[m])[1], resolve_init) for m in fused[a].members] if a in fused else \
+                [size_of(_linear_parts(linears[a])[1], resolve_init)]
+            for p in parts:
+                if p is not None:
+                    out.setdefault(p, SplitSize(f"output of {a}"))
+            if len(parts) > 1 and None not in parts:
+                out.setdefault(sum(parts, Size()), SplitSize(f"fused output of {a}", f"its size is the whole fused output "
+                                                             f"of {a}, whose rank slice is made of parts of each member"))
+        return out
 
     def _qkv(self, linears, column) -> Fusion | None:
         if len(column) != 3:
@@ -346,7 +563,7 @@ class ParallelLinears(Pass):
         kv = f"{cfg}.num_key_value_heads" if "num_key_value_heads" in text else f"{cfg}.num_attention_heads"
         self.ctx.attn_heads[name] = (f"{cfg}.num_attention_heads", kv, head)
 
-    def _rewrite_init(self, init: cst.FunctionDef, linears, column, fusions, sharded) -> cst.FunctionDef:
+    def _rewrite_init(self, init: cst.FunctionDef, linears, column, fusions, sharded, prefused) -> cst.FunctionDef:
         fused_members = {m: f for f in fusions for m in f.members}
         body = []
         for stmt in init.body.body:
@@ -355,6 +572,10 @@ class ParallelLinears(Pass):
                 attr = self_attr(stmt.body[0].targets[0].target)
             if attr not in linears:
                 body.append(stmt)
+                continue
+            if prefused and attr == prefused["split"].attr:
+                self.note(stmt, f"{attr}: fused in the HF file, split by forward -> {prefused['kind']}")
+                body.append(parse_stmt(prefused["src"]).with_changes(leading_lines=stmt.leading_lines))
                 continue
             in_f, out_f, bias = _linear_parts(linears[attr])
             if attr in fused_members:

@@ -27,6 +27,7 @@ ENGINE_IMPORTS = {
     "get_tp_world_size": "porter.engine.distributed",
     "FusedMoE": "porter.engine.layers.fused_moe",
     "load_expert_weight": "porter.engine.layers.fused_moe",
+    "shard_parameter": "porter.engine.layers.sharded_parameter",
 }
 
 

@@ -1,10 +1,12 @@
 class FooMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.intermediate_size = config.intermediate_size
         self.gate_up_proj = ReplicatedLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = ReplicatedLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states):
         up_states, _ = self.gate_up_proj(hidden_states)
-        gate, up_states = up_states.chunk(2, dim=-1)
+        gate = up_states[..., : self.intermediate_size]
+        up_states = up_states[..., -self.intermediate_size :]
         return self.down_proj(up_states * self.act(gate))[0]

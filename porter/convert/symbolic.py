@@ -1,0 +1,150 @@
+"""Size expressions as polynomials, so the converter can compare `config.num_attention_heads * self.head_dim`
+with `self.config.num_attention_heads * self.head_dim`, or tell that `qkv[..., a:b]` takes the k part.
+
+An expression becomes a sum of monomials over atoms: any sub-expression that is not +, -, * or a
+number (a name, an attribute, a call, a floor division of two sizes) is an atom, keyed by its code.
+A resolver may replace a name or attribute by the expression it is bound to (a local, `self.x` of
+__init__) before it becomes an atom, so both sides of a comparison reach the same atoms.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from fractions import Fraction
+
+import libcst as cst
+
+from porter.convert.cst_util import code, dotted
+
+Monomial = tuple[str, ...]  # sorted atoms
+
+
+class Size:
+    """An immutable polynomial with rational coefficients over atoms."""
+
+    def __init__(self, terms: dict[Monomial, Fraction] | None = None):
+        self.terms = {m: c for m, c in (terms or {}).items() if c != 0}
+
+    @staticmethod
+    def const(n) -> Size:
+        return Size({(): Fraction(n)})
+
+    @staticmethod
+    def atom(name: str) -> Size:
+        return Size({(name,): Fraction(1)})
+
+    def __add__(self, other: Size) -> Size:
+        out = dict(self.terms)
+        for m, c in other.terms.items():
+            out[m] = out.get(m, Fraction(0)) + c
+        return Size(out)
+
+    def __neg__(self) -> Size:
+        return Size({m: -c for m, c in self.terms.items()})
+
+    def __sub__(self, other: Size) -> Size:
+        return self + (-other)
+
+    def __mul__(self, other: Size) -> Size:
+        out: dict[Monomial, Fraction] = {}
+        for m1, c1 in self.terms.items():
+            for m2, c2 in other.terms.items():
+                m = tuple(sorted(m1 + m2))
+                out[m] = out.get(m, Fraction(0)) + c1 * c2
+        return Size(out)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Size) and self.terms == other.terms
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.terms.items()))
+
+    def scaled(self, factor: Fraction) -> Size:
+        return Size({m: c * factor for m, c in self.terms.items()})
+
+    def is_zero(self) -> bool:
+        return not self.terms
+
+    def over_atom(self, atom: Size) -> Size | None:
+        """self / atom when every monomial holds that atom (heads * head_dim / head_dim), else None."""
+        if len(atom.terms) != 1:
+            return None
+        (m, c), = atom.terms.items()
+        if len(m) != 1:
+            return None
+        out: dict[Monomial, Fraction] = {}
+        for mono, coef in self.terms.items():
+            if m[0] not in mono:
+                return None
+            rest = list(mono)
+            rest.remove(m[0])
+            out[tuple(rest)] = coef / c
+        return Size(out)
+
+    def render(self) -> str | None:
+        """Python code for the polynomial; None when a coefficient is not an integer."""
+        if any(c.denominator != 1 for c in self.terms.values()):
+            return None
+        if not self.terms:
+            return "0"
+        parts = []
+        for mono, c in sorted(self.terms.items(), key=lambda t: (-len(t[0]), t[0])):
+            factors = [a if _is_simple(a) else f"({a})" for a in mono]
+            if not factors:
+                parts.append((c < 0, str(abs(c.numerator))))
+                continue
+            text = " * ".join(factors)
+            parts.append((c < 0, text if abs(c) == 1 else f"{abs(c.numerator)} * {text}"))
+        first_neg, first = parts[0]
+        out = ("-" if first_neg else "") + first
+        for neg, text in parts[1:]:
+            out += (" - " if neg else " + ") + text
+        return out
+
+    def __repr__(self) -> str:
+        return f"Size({self.render() or self.terms})"
+
+
+def _is_simple(atom: str) -> bool:
+    return atom.replace(".", "").replace("_", "").isalnum() or (atom.endswith(")") and "(" in atom and " " not in atom)
+
+
+Resolver = Callable[[cst.BaseExpression], "cst.BaseExpression | None"]
+
+
+def size_of(expr: cst.BaseExpression, resolve: Resolver | None = None, _depth: int = 0) -> Size | None:
+    """The polynomial of a size expression; `resolve(node)` may return the expression a name or
+    attribute stands for. None for what cannot be a size (strings, lists, ...)."""
+    if _depth > 20:
+        return None
+    if isinstance(expr, cst.Integer):
+        return Size.const(int(expr.value, 0))
+    if isinstance(expr, cst.UnaryOperation) and isinstance(expr.operator, cst.Minus):
+        inner = size_of(expr.expression, resolve, _depth + 1)
+        return -inner if inner is not None else None
+    if isinstance(expr, cst.BinaryOperation):
+        left = size_of(expr.left, resolve, _depth + 1)
+        right = size_of(expr.right, resolve, _depth + 1)
+        if left is None or right is None:
+            return None
+        if isinstance(expr.operator, cst.Add):
+            return left + right
+        if isinstance(expr.operator, cst.Subtract):
+            return left - right
+        if isinstance(expr.operator, cst.Multiply):
+            return left * right
+        if isinstance(expr.operator, cst.FloorDivide):
+            return Size.atom(f"({left.render()}) // ({right.render()})")
+        return None
+    if isinstance(expr, (cst.Name, cst.Attribute)) and dotted(expr) is not None:
+        bound = resolve(expr) if resolve is not None else None
+        resolved = size_of(bound, resolve, _depth + 1) if bound is not None else None
+        if resolved is not None:
+            return resolved
+        if isinstance(expr, cst.Attribute) and resolve is not None:  # `self.config.x` with self.config = config
+            base = resolve(expr.value)
+            if base is not None and dotted(base) is not None:
+                return size_of(expr.with_changes(value=base), resolve, _depth + 1)
+        return Size.atom(dotted(expr))
+    if isinstance(expr, cst.Call):
+        return Size.atom("".join(code(expr).split()))
+    return None
