@@ -222,7 +222,12 @@ def test_alibi_bias_needs_the_standard_slope_formula():
         .replace("probs = self.drop(scores.softmax(dim=-1))", "probs = self.drop((scores + bias).softmax(dim=-1))")
     _, ctx = _normalise(src)
     [refusal] = ctx.report.refusals
-    assert "score bias `bias`" in refusal.why and "standard ALiBi slope formula" in refusal.why
+    assert "`bias`: the model does not build it with the standard ALiBi slope formula" in refusal.why
+    # an input added elsewhere (a residual) is no score bias
+    src = _MIXER.replace("def forward(self, x, attention_mask=None):", "def forward(self, x, residual, attention_mask=None):") \
+        .replace("return self.out(ctx), probs", "return self.out(ctx) + residual, probs")
+    code, ctx = _normalise(src)
+    assert not ctx.report.refusals and "return self.out(ctx) + residual, attn_weights" in code.replace("probs", "attn_weights")
 
 
 # ---------------------------------------------------------------- helper normalisers

@@ -23,25 +23,27 @@ _ALIBI_BASE = re.compile(r"2\s*\*\*\s*\(\s*-\s*\(\s*2\s*\*\*\s*-\s*\(\s*math\.lo
 _BF16 = re.compile(r"\.bfloat16\(\)")
 
 
-def alibi_inputs(module: cst.Module, attn: cst.ClassDef) -> tuple[dict[str, bool], dict[str, str | None]]:
-    """Forward inputs of the attention block that feed a score bias and that the model builds with the
-    standard ALiBi slope formula -> whether the slopes go through bfloat16; and the config expression
-    (with `{config}` for the block's config parameter) under which the model passes one."""
+def alibi_inputs(module: cst.Module, attn: cst.ClassDef) -> tuple[dict[str, bool], dict[str, str | None],
+                                                                   dict[str, str]]:
+    """Forward inputs of the attention block that may feed a score bias (added, or a baddbmm input).
+    Those the model builds with the standard ALiBi slope formula -> whether the slopes go through
+    bfloat16, and the config expression (with `{config}` for the block's config parameter) under which
+    the model passes one; the others -> why they are not ALiBi (refused if they do reach the scores)."""
     fwd = methods(attn)["forward"]
     params = set(param_names(fwd)[2:]) - NONE_PARAMS - FALSE_PARAMS
     used = [p for p in params if re.search(rf"\b{p}\.baddbmm\(|\+\s*{p}\b|\b{p}\.view\(", code(fwd))]
     funcs = {s.name.value: s for s in module.body if isinstance(s, cst.FunctionDef)}
-    alibi, flags = {}, {}
+    alibi, flags, other = {}, {}, {}
     for p in used:
         producers = _producers(module, attn, p, funcs)
         formula = [f for f in producers if _ALIBI_POW2.search(code(funcs[f])) and _ALIBI_BASE.search(code(funcs[f]))]
         if not formula:
-            raise Refused(None, f"score bias `{p}`", "a forward input added to the attention scores that the model "
-                                                     "does not build with the standard ALiBi slope formula "
-                                                     f"(built by: {', '.join(sorted(producers)) or 'unknown code'})")
+            other[p] = ("the model does not build it with the standard ALiBi slope formula "
+                        f"(built by: {', '.join(sorted(producers)) or 'code not found under that name'})")
+            continue
         alibi[p] = any(_BF16.search(code(funcs[f])) for f in producers)
         flags[p] = _gate(module, attn, p)
-    return alibi, flags
+    return alibi, flags, other
 
 
 def _producers(module, attn, name: str, funcs) -> set[str]:

@@ -394,8 +394,9 @@ class FlatFunction:
             bias = [i for i in inputs if i in self.block.alibi]
             if len(inputs) == 1 and bias and s.bias is None:
                 return Scores(s.q, s.k, s.q_t, s.k_t, s.scale, [], bias[0])
+            why = "; ".join(f"`{i}`: {self.block.other_bias[i]}" for i in inputs if i in self.block.other_bias)
             self.refuse(node, f"`{code(node)[:60]}`", "adds a score bias that is neither the attention mask nor "
-                                                      "standard ALiBi")
+                                                      "standard ALiBi" + (f" ({why})" if why else ""))
         self.refuse(node, f"`{code(node)[:60]}`", "an operation on attention scores the rewrite does not know")
 
     def _forward_inputs(self, node) -> list[str]:
@@ -744,6 +745,9 @@ class FlatFunction:
         return stmt
 
     def _if(self, stmt: cst.If):
+        unknown = [n for n in loads(stmt.test) if n in self.block.other_bias and n not in self.env]
+        if unknown:  # `if bias is not None:` guarding the code that adds a non-ALiBi bias
+            self.refuse(stmt, f"score bias `{unknown[0]}`", self.block.other_bias[unknown[0]])
         truth = self.block.truth(stmt.test)
         test = self.block.test(stmt.test, self)
         if truth is not None:  # a fact of inference: only that branch is live (specialise folds it later)

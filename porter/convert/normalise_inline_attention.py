@@ -60,8 +60,9 @@ class _Regenerate(cst.CSTTransformer):
 # ------------------------------------------------------------------ one attention block
 class _Block:
     def __init__(self, module: cst.Module, cls: cst.ClassDef, ctx: Context, alibi: dict[str, bool],
-                 flags: dict[str, str | None]):
+                 flags: dict[str, str | None], other_bias: dict[str, str]):
         self.module, self.cls, self.ctx = module, cls, ctx
+        self.other_bias = other_bias  # forward input -> why it is not ALiBi
         self.alibi = alibi  # forward input -> its slopes are rounded through bfloat16
         self.flags = flags  # forward input -> config expression it is present under (None: always)
         self.flag_attrs: dict[str, str] = {}
@@ -239,8 +240,8 @@ def normalise_inline_attention(module: cst.Module, ctx: Context) -> cst.Module:
                                   "the forward itself is rewritten")
             continue
         try:
-            alibi, flags = alibi_inputs(module, stmt)
-            new = _Block(module, stmt, ctx, alibi, flags).rewrite()
+            alibi, flags, other_bias = alibi_inputs(module, stmt)
+            new = _Block(module, stmt, ctx, alibi, flags, other_bias).rewrite()
         except Refused as r:
             where = ctx.lines.of(r.node, stmt.name.value) if r.node is not None else None
             at = f" (line {where})" if where is not None else ""
