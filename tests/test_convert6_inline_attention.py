@@ -40,6 +40,23 @@ def test_bloom_matches_hf(tmp_path):
     _verify("bloom", out)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"attn_config": {"clip_qkv": 0.5, "softmax_scale": 0.3}}],
+                         ids=["default", "clip_qkv,softmax_scale"])
+def test_mpt_matches_hf(overrides, tmp_path):
+    """ALiBi with the interleaved slope variant, passed to the blocks under another name (position_bias),
+    sliced to the key length in the block: slopes once, bias plumbing gone."""
+    from transformers import AutoConfig
+
+    result, out = _convert("mpt", tmp_path)
+    assert "alibi_slopes=alibi_slopes_interleaved(self.n_heads, 8)" in result.code
+    assert "position_bias" not in result.code and "build_mpt_alibi_tensor(" not in result.code.split("class MptModel")[1]
+    target = "mpt"
+    if overrides:
+        AutoConfig.for_model("mpt", **overrides).save_pretrained(tmp_path / "cfg")
+        target = str(tmp_path / "cfg")
+    _verify(target, out)
+
+
 @pytest.mark.parametrize("overrides", [
     {},  # default: rotary, multi-query, parallel attention + MLP
     {"alibi": True},
@@ -82,6 +99,16 @@ def test_alibi_slopes_equal_the_reference_formula(heads):
 
     assert torch.equal(alibi_slopes(heads), _get_alibi_slopes(heads, "cpu"))
     assert torch.equal(alibi_slopes(heads, torch.bfloat16), alibi_slopes(heads).bfloat16().float())
+
+
+@pytest.mark.parametrize("heads", [1, 4, 6, 12, 16, 24])
+def test_interleaved_alibi_slopes_equal_the_reference_bias(heads):
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    from porter.engine.layers.alibi import alibi_slopes_interleaved
+
+    bias = build_mpt_alibi_tensor(heads, 5)  # [heads, 1, 5]: slope * (key - 4)
+    torch.testing.assert_close(bias[:, 0, 4] - bias[:, 0, 3], alibi_slopes_interleaved(heads), rtol=0, atol=0)
 
 
 def test_alibi_slopes_per_rank():
@@ -217,12 +244,12 @@ def test_unproven_constructs_are_refused_with_file_and_line(change, construct):
 
 
 def test_alibi_bias_needs_the_standard_slope_formula():
-    """An additive bias from a forward input is ALiBi only if the model builds it with the ALiBi slopes."""
+    """An additive bias from a forward input is ALiBi only if the model builds it with known ALiBi slopes."""
     src = _MIXER.replace("def forward(self, x, attention_mask=None):", "def forward(self, x, bias, attention_mask=None):") \
         .replace("probs = self.drop(scores.softmax(dim=-1))", "probs = self.drop((scores + bias).softmax(dim=-1))")
     _, ctx = _normalise(src)
     [refusal] = ctx.report.refusals
-    assert "`bias`: the model does not build it with the standard ALiBi slope formula" in refusal.why
+    assert "`bias`: the model does not build it with a known ALiBi slope formula" in refusal.why
     # an input added elsewhere (a residual) is no score bias
     src = _MIXER.replace("def forward(self, x, attention_mask=None):", "def forward(self, x, residual, attention_mask=None):") \
         .replace("return self.out(ctx), probs", "return self.out(ctx) + residual, probs")

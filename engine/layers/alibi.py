@@ -27,6 +27,17 @@ def alibi_slopes(num_heads: int, round_to: torch.dtype | None = None) -> torch.T
     return out.to(round_to).float() if round_to is not None else out
 
 
+def alibi_slopes_interleaved(num_heads: int, max_bias: float = 8.0) -> torch.Tensor:
+    """[num_heads] fp32, the variant over the next power of two m >= heads: 2^(-max_bias/m * i) for
+    i = 1..m, then (when m > heads) the even-i slopes before the odd-i ones, cut to `num_heads`."""
+    m = 2 ** math.ceil(math.log2(num_heads))
+    base = torch.arange(1, m + 1, dtype=torch.int64, device="cpu").float() * (max_bias / m)
+    slopes = 1.0 / torch.pow(2, base)
+    if m != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
+
+
 def local_heads(per_head: torch.Tensor) -> torch.Tensor:
     """This tensor-parallel rank's slice of a per-head tensor (heads split evenly over the ranks)."""
     return per_head.chunk(get_tp_world_size())[get_tp_rank()]

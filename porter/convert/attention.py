@@ -24,6 +24,7 @@ _KWARGS = {"scaling": "scale", "sliding_window": "sliding_window", "softcap": "l
 # head counts the inline-attention normaliser read off the q/k layouts (they override the parallel
 # pass's guess for a block whose linears are not sharded)
 _HEADS = ("num_heads", "num_kv_heads", "head_size")
+_ALIBI_HELPERS = ("alibi_slopes", "alibi_slopes_interleaved", "local_heads")  # porter.engine.layers.alibi
 
 
 def _mentions_interface(node: cst.CSTNode) -> bool:
@@ -36,7 +37,7 @@ class AttentionCall(Pass):
 
     def visit_Module(self, node: cst.Module) -> None:
         self.module_names = {s.name.value for s in node.body if isinstance(s, (cst.ClassDef, cst.FunctionDef))}
-        self.module_names |= set(dir(builtins)) | {"alibi_slopes", "local_heads"}  # engine helpers it imports
+        self.module_names |= set(dir(builtins)) | set(_ALIBI_HELPERS)  # engine helpers it imports
         for s in node.body:
             if isinstance(s, cst.SimpleStatementLine):
                 for small in s.body:
@@ -153,7 +154,7 @@ class AttentionCall(Pass):
 
     def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
         text = updated.code
-        for name in ("alibi_slopes", "local_heads"):
+        for name in _ALIBI_HELPERS:
             if re.search(rf"\b{name}\(", text) and name not in bound_names(updated):
                 updated = add_import(updated, "porter.engine.layers.alibi", name)
         return updated

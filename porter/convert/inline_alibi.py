@@ -19,16 +19,21 @@ from porter.convert.specialise import FALSE_PARAMS, NONE_PARAMS
 
 # the standard ALiBi slopes: 2^(-8/n)^i over the closest power of two n below the head count
 _ALIBI_POW2 = re.compile(r"2\s*\*\*\s*math\.floor\(\s*math\.log2\(")
+# the interleaved variant: 2^(-max_bias/m * i) over the next power of two m, even i first when cut
+_INTERLEAVED = (re.compile(r"2\s*\*\*\s*math\.ceil\(\s*math\.log2\("), re.compile(r"1\.0\s*/\s*torch\.pow\(\s*2\s*,"),
+                re.compile(r"\[:?,?\s*1::2"), re.compile(r"\[:?,?\s*::2"))
+_MAX_BIAS = re.compile(r"\*\s*\(\s*(\w+)\s*/\s*\w+\s*\)")
 _ALIBI_BASE = re.compile(r"2\s*\*\*\s*\(\s*-\s*\(\s*2\s*\*\*\s*-\s*\(\s*math\.log2\([^)]*\)\s*-\s*3\s*\)\s*\)\s*\)")
 _BF16 = re.compile(r"\.bfloat16\(\)")
 
 
-def alibi_inputs(module: cst.Module, attn: cst.ClassDef) -> tuple[dict[str, bool], dict[str, str | None],
+def alibi_inputs(module: cst.Module, attn: cst.ClassDef) -> tuple[dict[str, str], dict[str, str | None],
                                                                    dict[str, str]]:
     """Forward inputs of the attention block that may feed a score bias (added, or a baddbmm input).
-    Those the model builds with the standard ALiBi slope formula -> whether the slopes go through
-    bfloat16, and the config expression (with `{config}` for the block's config parameter) under which
-    the model passes one; the others -> why they are not ALiBi (refused if they do reach the scores)."""
+    Those the model builds with a known ALiBi slope formula -> the engine call computing their slopes
+    (`{heads}` for the head count), and the config expression (with `{config}` for the block's config
+    parameter) under which the model passes one; the others -> why they are not ALiBi (refused if they
+    do reach the scores)."""
     fwd = methods(attn)["forward"]
     params = set(param_names(fwd)[2:]) - NONE_PARAMS - FALSE_PARAMS
     used = [p for p in params if re.search(rf"\b{p}\.baddbmm\(|\+\s*{p}\b|\b{p}\.view\(", code(fwd))]
@@ -36,14 +41,73 @@ def alibi_inputs(module: cst.Module, attn: cst.ClassDef) -> tuple[dict[str, bool
     alibi, flags, other = {}, {}, {}
     for p in used:
         producers = _producers(module, attn, p, funcs)
-        formula = [f for f in producers if _ALIBI_POW2.search(code(funcs[f])) and _ALIBI_BASE.search(code(funcs[f]))]
-        if not formula:
-            other[p] = ("the model does not build it with the standard ALiBi slope formula "
+        slopes = _slopes(module, [funcs[f] for f in sorted(producers)])
+        if slopes is None:
+            other[p] = ("the model does not build it with a known ALiBi slope formula "
                         f"(built by: {', '.join(sorted(producers)) or 'code not found under that name'})")
             continue
-        alibi[p] = any(_BF16.search(code(funcs[f])) for f in producers)
+        alibi[p] = slopes
         flags[p] = _gate(module, attn, p)
     return alibi, flags, other
+
+
+def _slopes(module: cst.Module, producers: list[cst.FunctionDef]) -> str | None:
+    """The engine call that computes the slopes the producers' formula does, or None."""
+    for fn in producers:
+        text = code(fn)
+        if _ALIBI_POW2.search(text) and _ALIBI_BASE.search(text):
+            rounding = ", torch.bfloat16" if any(_BF16.search(code(f)) for f in producers) else ""
+            return f"alibi_slopes({{heads}}{rounding})"
+        if all(r.search(text) for r in _INTERLEAVED):
+            m = _MAX_BIAS.search(text)
+            max_bias = _fixed_default(module, fn, m.group(1)) if m else None
+            if max_bias is not None:
+                return f"alibi_slopes_interleaved({{heads}}, {max_bias})"
+    return None
+
+
+def _fixed_default(module: cst.Module, fn: cst.FunctionDef, name: str) -> str | None:
+    """The literal default of `fn`'s parameter `name` when no call in the module (to `fn`, or to a method
+    of the same name that forwards to it with the same default) passes that parameter itself."""
+    def default(f: cst.FunctionDef) -> str | None:
+        p = next((x for x in f.params.params if x.name.value == name), None)
+        return code(p.default) if p is not None and isinstance(p.default, (cst.Integer, cst.Float)) else None
+
+    value = default(fn)
+    if value is None:
+        return None
+    wrappers = [m for c in classes(module).values() for n, m in methods(c).items()
+                if n == fn.name.value and fn.name.value in _called(m)]
+    if any(default(w) != value for w in wrappers):
+        return None
+    index = param_names(fn).index(name)
+    passed = []
+
+    class Calls(cst.CSTVisitor):
+        def visit_Call(self, n: cst.Call):
+            d = dotted(n.func) or ""
+            if d.split(".")[-1] != fn.name.value or any(n is c for w in wrappers for c in _calls_in(w)):
+                return
+            positional = [a for a in n.args if a.keyword is None]
+            at = index
+            if d.startswith("self."):  # a method call binds self itself
+                at = min((param_names(w).index(name) - 1 for w in wrappers), default=-1)
+            if any(a.keyword is not None and a.keyword.value == name for a in n.args) or len(positional) > at:
+                passed.append(n)
+
+    module.visit(Calls())
+    return value if not passed else None
+
+
+def _calls_in(node) -> list[cst.Call]:
+    out = []
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, n: cst.Call):
+            out.append(n)
+
+    node.visit(V())
+    return out
 
 
 def _producers(module, attn, name: str, funcs) -> set[str]:
@@ -66,6 +130,13 @@ def _producers(module, attn, name: str, funcs) -> set[str]:
                         assigns.setdefault(x, []).append(n.value)
 
         fwd.visit(V())
+        # `layer(..., position_bias=alibi)`: the input is what the caller passes under its name
+        for call in _calls_in(fwd):
+            for a in call.args:
+                if a.keyword is not None and a.keyword.value == name:
+                    for n in loads(a.value):
+                        if n != name:
+                            assigns.setdefault(name, []).append(cst.Name(n))
         todo, seen = [name], set()
         while todo:
             x = todo.pop()
@@ -80,7 +151,7 @@ def _producers(module, attn, name: str, funcs) -> set[str]:
                         out |= {f for f in _called(funcs[c]) if f in funcs}
                     elif c.startswith("self.") and c[5:] in ms:
                         out |= {f for f in _called(ms[c[5:]]) if f in funcs}
-                todo += [n for n in loads(value) if n in assigns]
+                todo += [n for n in loads(value) if n in assigns and n not in seen]
     return out
 
 
@@ -141,9 +212,9 @@ def drop_bias(module: cst.Module, name: str, converted: set[str], ctx: Context) 
     (its assignments go, reads become None), so the bias code and the mask code mixing it fold away."""
 
     class Drop(cst.CSTTransformer):
-        def __init__(self):
+        def __init__(self, local: str):
             super().__init__()
-            self.depth = 0
+            self.depth, self.local = 0, local
 
         def visit_FunctionDef(self, node):
             self.depth += node.name.value == "forward"
@@ -154,12 +225,12 @@ def drop_bias(module: cst.Module, name: str, converted: set[str], ctx: Context) 
 
         def leave_SimpleStatementLine(self, original, updated):
             if self.depth and len(updated.body) == 1 and isinstance(updated.body[0], cst.Assign) and \
-                    [code(t.target) for t in updated.body[0].targets] == [name]:
+                    [code(t.target) for t in updated.body[0].targets] == [self.local]:
                 return cst.RemoveFromParent()
             return updated
 
         def leave_Name(self, original, updated):
-            return cst.Name("None") if self.depth and updated.value == name else updated
+            return cst.Name("None") if self.depth and updated.value == self.local else updated
 
         def leave_Arg(self, original, updated):
             return updated.with_changes(keyword=original.keyword)
@@ -175,11 +246,16 @@ def drop_bias(module: cst.Module, name: str, converted: set[str], ctx: Context) 
 
     body = []
     for stmt in module.body:
-        if isinstance(stmt, cst.ClassDef) and stmt.name.value not in converted and "forward" in methods(stmt) and \
-                _assigns(methods(stmt)["forward"], name):
-            ctx.report.change("inline_attention", ctx.lines.of(stmt),
-                              f"{stmt.name.value}: the ALiBi input `{name}` is no longer built (slopes live in "
-                              "the engine Attention)")
-            stmt = stmt.visit(Drop())
+        if isinstance(stmt, cst.ClassDef) and stmt.name.value not in converted and "forward" in methods(stmt):
+            fwd = methods(stmt)["forward"]
+            # the local built for it: its own name, or what calls pass as `name=local`
+            passed = {a.value.value for c in _calls_in(fwd) for a in c.args
+                      if a.keyword is not None and a.keyword.value == name and isinstance(a.value, cst.Name)}
+            for local in sorted({name} | passed):
+                if _assigns(fwd, local):
+                    ctx.report.change("inline_attention", ctx.lines.of(stmt),
+                                      f"{stmt.name.value}: the ALiBi input `{local}` is no longer built (slopes "
+                                      "live in the engine Attention)")
+                    stmt = stmt.visit(Drop(local))
         body.append(stmt)
     return module.with_changes(body=body)

@@ -176,6 +176,7 @@ class FlatFunction:
         self.weights: str | None = None
         self.conds: list[tuple[str, bool]] = []  # enclosing config tests and the branch taken
         self.hint: str | None = None  # the name the statement being read assigns
+        self.bias_locals: dict[str, str] = {}  # locals computed from an ALiBi input only -> that input
 
     # ---- helpers
     def mentions(self, node) -> bool:
@@ -400,8 +401,18 @@ class FlatFunction:
         self.refuse(node, f"`{code(node)[:60]}`", "an operation on attention scores the rewrite does not know")
 
     def _forward_inputs(self, node) -> list[str]:
+        """Forward inputs `node` reads (through locals computed from an ALiBi input too)."""
         params = set(param_names(self.fn)[1:])
-        return [n for n in loads(node) if n in params and n not in self.env]
+        return list(dict.fromkeys(self.bias_locals.get(n, n) for n in loads(node)
+                                  if n in self.bias_locals or n in params and n not in self.env))
+
+    def _bias_plumbing(self, node) -> bool:
+        """Reads an ALiBi input and no tracked tensor: code that only reshapes or slices the bias (it goes
+        with the bias, which the engine's slopes replace)."""
+        names = loads(node)
+        if any(isinstance(self.env.get(n), (Tensor, Scores, Probs, Multi, Shape)) for n in names):
+            return False
+        return any(n in self.bias_locals or n in self.block.alibi and n not in self.env for n in names)
 
     def _matmul(self, node, a_node, b_node):
         a, av = self.ev(a_node)
@@ -429,11 +440,10 @@ class FlatFunction:
         if s.scale:
             kwargs["scaling"] = " * ".join(s.scale)
         if s.bias_param is not None:
-            rounding = ", torch.bfloat16" if self.block.alibi[s.bias_param] else ""
             heads = self._heads(s.q_t)
             if heads is None:
                 self.refuse(node, "ALiBi attention", "cannot tell the query head count for its slopes")
-            kwargs["alibi_slopes"] = " * ".join([f"alibi_slopes({heads}{rounding})", *s.bias])
+            kwargs["alibi_slopes"] = " * ".join([self.block.alibi[s.bias_param].format(heads=heads), *s.bias])
         for key, t in (("num_heads", s.q_t), ("num_kv_heads", s.k_t)):
             heads = self._heads(t)
             if heads is None:
@@ -748,24 +758,20 @@ class FlatFunction:
         unknown = [n for n in loads(stmt.test) if n in self.block.other_bias and n not in self.env]
         if unknown:  # `if bias is not None:` guarding the code that adds a non-ALiBi bias
             self.refuse(stmt, f"score bias `{unknown[0]}`", self.block.other_bias[unknown[0]])
-        truth = self.block.truth(stmt.test)
         test = self.block.test(stmt.test, self)
-        if truth is not None:  # a fact of inference: only that branch is live (specialise folds it later)
+        if self._bias_plumbing(test):  # e.g. a rank check of the bias before slicing it
+            return None
+        truth = self.block.truth(test)
+        if truth is not None:  # an inference fact (or an ALiBi input always passed): fold to the live branch
             if truth:
-                return stmt.with_changes(body=stmt.body.with_changes(body=self.stmts(stmt.body.body) or
-                                                                     [cst.SimpleStatementLine([cst.Pass()])]))
+                return self.stmts(stmt.body.body)
             if stmt.orelse is None:
-                return stmt
-            other = stmt.orelse
-            if isinstance(other, cst.If):
-                return stmt.with_changes(orelse=self._if(other))
-            return stmt.with_changes(orelse=other.with_changes(body=other.body.with_changes(
-                body=self.stmts(other.body.body) or [cst.SimpleStatementLine([cst.Pass()])])))
+                return None
+            if isinstance(stmt.orelse, cst.If):
+                return self._if(stmt.orelse)
+            return self.stmts(stmt.orelse.body.body)
         if self.mentions(stmt.test):
-            _, v = self.ev(stmt.test) if not isinstance(stmt.test, cst.BooleanOperation) else (None, CoreDerived())
-            core_test = isinstance(v, CoreDerived) or any(isinstance(self.env.get(n), (CoreDerived, Scores, Probs))
-                                                          for n in loads(stmt.test))
-            if not core_test:
+            if not any(isinstance(self.env.get(n), (CoreDerived, Scores, Probs)) for n in loads(stmt.test)):
                 self.refuse(stmt, f"`if {code(stmt.test)[:50]}`", "a test on tensors")
         before = dict(self.env)
         self.conds.append((code(test), True))
@@ -854,6 +860,13 @@ class FlatFunction:
                 self.refuse(stmt, f"`{code(small)[:60]}`", "chained assignment of tensors")
             return small
         target = small.targets[0].target
+        if self._bias_plumbing(small.value):
+            source = next(self.bias_locals.get(n, n) for n in loads(small.value)
+                          if n in self.bias_locals or n in self.block.alibi)
+            for n in target_names_of(target):
+                if n != source:
+                    self.bias_locals[n] = source
+            return None
         if not self.mentions(small.value):
             for n in target_names_of(target):
                 self.env.pop(n, None)

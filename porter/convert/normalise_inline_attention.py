@@ -59,11 +59,11 @@ class _Regenerate(cst.CSTTransformer):
 
 # ------------------------------------------------------------------ one attention block
 class _Block:
-    def __init__(self, module: cst.Module, cls: cst.ClassDef, ctx: Context, alibi: dict[str, bool],
+    def __init__(self, module: cst.Module, cls: cst.ClassDef, ctx: Context, alibi: dict[str, str],
                  flags: dict[str, str | None], other_bias: dict[str, str]):
         self.module, self.cls, self.ctx = module, cls, ctx
         self.other_bias = other_bias  # forward input -> why it is not ALiBi
-        self.alibi = alibi  # forward input -> its slopes are rounded through bfloat16
+        self.alibi = alibi  # ALiBi forward input -> the engine call computing its slopes
         self.flags = flags  # forward input -> config expression it is present under (None: always)
         self.flag_attrs: dict[str, str] = {}
         ctors = {a: dotted(v.func) or "" for a, v in init_assignments(cls) if isinstance(v, cst.Call)}
