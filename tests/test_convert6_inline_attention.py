@@ -78,17 +78,19 @@ def test_falcon_matches_hf(overrides, tmp_path):
     _verify(target, out)
 
 
-@pytest.mark.parametrize("model_type", ["bloom", "falcon"])
+@pytest.mark.parametrize("model_type", ["bloom", "falcon", "mpt"])
 def test_inline_attention_models_tp2_match_tp1(model_type, tmp_path):
     """Fused q/k/v sliced by offsets or per-head views keep their blocks replicated: still correct on
     two ranks (the ALiBi slopes cover all heads on each rank)."""
-    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM, MptConfig, MptForCausalLM
 
     from test_tp_converted import tp2_matches_tp1
 
     small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, initializer_range=0.2)
     cls, config = {"bloom": (BloomForCausalLM, BloomConfig(**small, n_head=4)),
-                   "falcon": (FalconForCausalLM, FalconConfig(**small, num_attention_heads=4, alibi=True))}[model_type]
+                   "falcon": (FalconForCausalLM, FalconConfig(**small, num_attention_heads=4, alibi=True)),
+                   "mpt": (MptForCausalLM, MptConfig(vocab_size=100, d_model=32, n_heads=4, n_layers=2,
+                                                     max_seq_len=128, initializer_range=0.2))}[model_type]
     tp2_matches_tp1(tmp_path, model_type, cls, config)
 
 
