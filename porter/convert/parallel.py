@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import libcst as cst
@@ -256,7 +257,8 @@ def nested_dense_blocks(module: cst.Module, roles) -> set[str]:
     in __init__ (a dense MLP chosen by a per-layer condition, a MoE block and its shared expert), that
     analyse did not give a role."""
     cls_map = {s.name.value: s for s in module.body if isinstance(s, cst.ClassDef)}
-    taken = roles.attention | roles.mlp | {roles.decoder, roles.base, roles.causal_lm} | roles.dropped | roles.pretrained
+    taken = roles.attention | roles.mlp | roles.dropped | roles.pretrained | {roles.decoder, roles.base,
+                                                                              roles.causal_lm}
     found: set[str] = set()
     frontier = [c for c in [roles.decoder, *roles.mlp] if c in cls_map]
     while frontier:
@@ -268,6 +270,16 @@ def nested_dense_blocks(module: cst.Module, roles) -> set[str]:
                 found.add(built)
                 frontier.append(built)
     return found
+
+
+@dataclass
+class _Prefused:
+    """The fused parallel layer built for a projection fused in the HF file."""
+
+    split: FusedSplit
+    src: str  # the layer's constructor statement
+    kind: str  # for the report
+    heads: tuple[Size, Size, Size, Size] | None = None  # attention: q heads, kv heads, head size, total
 
 
 def _attention_sizes(hq: Size, hkv: Size, head: Size, total: Size | None) -> dict[Size, SplitSize]:
@@ -432,7 +444,7 @@ class ParallelLinears(Pass):
             self.note(original, f"{name}: linears {', '.join(linears)} -> ReplicatedLinear ({why_replicated})")
         self._check_plan(original, name, linears, column, sharded)
         if attention and prefused:
-            p = prefused["split"].attr
+            p = prefused.split.attr
             self.ctx.attn_heads[name] = (f"self.{p}.num_heads", f"self.{p}.num_kv_heads", f"self.{p}.head_size")
         elif attention:
             self._record_heads(name, cls, linears, fusions, local=per_head)
@@ -451,12 +463,12 @@ class ParallelLinears(Pass):
                 new_init = rewrite_init(new_init, decision.shard_dim)
         new_fwd = fwd
         if prefused:
-            new_fwd = rewrite_splits(fwd, prefused["split"], self._part_names(fwd, prefused["split"], attention))
+            new_fwd = rewrite_splits(fwd, prefused.split, self._part_names(fwd, prefused.split, attention))
         new_fwd = self._rewrite_forward(new_fwd, linears, fusions)
         body = [new_init if s is ms["__init__"] else new_fwd if s is fwd else s for s in cls.body.body]
         return cls.with_changes(body=cls.body.with_changes(body=body))
 
-    def _prefused(self, cls, linears, attr, attention, resolve_init, resolve_fwd) -> dict | str:
+    def _prefused(self, cls, linears, attr, attention, resolve_init, resolve_fwd) -> _Prefused | str:
         """The fused parallel layer for a linear whose output forward splits into parts, or why not."""
         in_f, out_f, bias = _linear_parts(linears[attr])
         total = size_of(out_f, resolve_init)
@@ -471,7 +483,7 @@ class ParallelLinears(Pass):
         if not attention:
             src = f"self.{attr} = MergedColumnParallelLinear(\n    {code(in_f)},\n    [{', '.join(parts)}],\n" \
                   f"    bias={bias},\n)\n"
-            return {"split": split, "src": src, "kind": f"MergedColumnParallelLinear (parts {', '.join(parts)})"}
+            return _Prefused(split, src, f"MergedColumnParallelLinear (parts {', '.join(parts)})")
         assigned = {a for a, _ in init_assignments(cls)}
         head_attr = next((f"self.{h}" for h in ("head_dim", "head_size") if h in assigned), None)
         if head_attr is None:
@@ -484,9 +496,9 @@ class ParallelLinears(Pass):
             return f"its parts ({', '.join(parts)}) are not heads x {head_attr}"
         src = (f"self.{attr} = QKVParallelLinear(\n    hidden_size={code(in_f)},\n    head_size={head_attr},\n"
                f"    total_num_heads={hq.render()},\n    total_num_kv_heads={hkv.render()},\n    bias={bias},\n)\n")
-        return {"split": split, "src": src, "kind": f"QKVParallelLinear ({hq.render()} q heads, {hkv.render()} kv heads "
-                                                    f"of {head_attr}; the fused checkpoint tensor split into q/k/v)",
-                "heads": (hq, hkv, head, total)}
+        kind = (f"QKVParallelLinear ({hq.render()} q heads, {hkv.render()} kv heads of {head_attr}; the fused "
+                "checkpoint tensor split into q/k/v)")
+        return _Prefused(split, src, kind, (hq, hkv, head, total))
 
     def _part_names(self, fwd, split: FusedSplit, attention: bool) -> list[str]:
         taken = set(loads(fwd)) | {n for n in code(fwd).replace("(", " ").replace(",", " ").split()}
@@ -505,7 +517,7 @@ class ParallelLinears(Pass):
 
         if attention:
             if prefused:
-                return _attention_sizes(*prefused["heads"])
+                return _attention_sizes(*prefused.heads)
             if per_head:
                 init = methods(cls)["__init__"]
                 cfg = param_names(init)[1] if len(param_names(init)) > 1 else "config"
@@ -520,15 +532,15 @@ class ParallelLinears(Pass):
         out: dict[Size, SplitSize] = {}
         fused = {m: f for f in fusions for m in f.members}
         for a in column:
-            parts = prefused["split"].parts if prefused and prefused["split"].attr == a else \
+            parts = prefused.split.parts if prefused and prefused.split.attr == a else \
                 [size_of(_linear_parts(linears[m])[1], resolve_init) for m in fused[a].members] if a in fused else \
                 [size_of(_linear_parts(linears[a])[1], resolve_init)]
             for p in parts:
                 if p is not None:
                     out.setdefault(p, SplitSize(f"output of {a}"))
             if len(parts) > 1 and None not in parts:
-                out.setdefault(sum(parts, Size()), SplitSize(f"fused output of {a}", f"its size is the whole fused output "
-                                                             f"of {a}, whose rank slice is made of parts of each member"))
+                why = f"its size is the whole fused output of {a}, whose rank slice is made of parts of each member"
+                out.setdefault(sum(parts, Size()), SplitSize(f"fused output of {a}", why))
         return out
 
     def _qkv(self, linears, column) -> Fusion | None:
@@ -573,9 +585,9 @@ class ParallelLinears(Pass):
             if attr not in linears:
                 body.append(stmt)
                 continue
-            if prefused and attr == prefused["split"].attr:
-                self.note(stmt, f"{attr}: fused in the HF file, split by forward -> {prefused['kind']}")
-                body.append(parse_stmt(prefused["src"]).with_changes(leading_lines=stmt.leading_lines))
+            if prefused and attr == prefused.split.attr:
+                self.note(stmt, f"{attr}: fused in the HF file, split by forward -> {prefused.kind}")
+                body.append(parse_stmt(prefused.src).with_changes(leading_lines=stmt.leading_lines))
                 continue
             in_f, out_f, bias = _linear_parts(linears[attr])
             if attr in fused_members:
