@@ -78,12 +78,18 @@ def test_phi3_prefused_projections_shard(tmp_path, kv_heads):
     assert full[down] == (32, 64) and rank0[down] == (32, 32)
 
 
-def test_phi3_report_says_fused_projections_are_sharded():
-    report = convert_file(TRANSFORMERS_MODELS / "phi3" / "modeling_phi3.py", "phi3").report
+@pytest.mark.parametrize("model_type, fused", [
+    ("phi3", {"qkv_proj": "QKVParallelLinear", "gate_up_proj": "MergedColumnParallelLinear"}),
+    # `c_attn(h).split(self.split_size, dim=2)` into hidden-size parts, head_dim = hidden // heads
+    # (its TP=2 run is test_convert6_tp.py's gpt2 case)
+    ("gpt2", {"c_attn": "QKVParallelLinear"}),
+])
+def test_report_says_fused_projections_are_sharded(model_type, fused):
+    report = convert_file(TRANSFORMERS_MODELS / model_type / f"modeling_{model_type}.py", model_type).report
     notes = [c.message for c in report.changes if c.pass_name == "parallel"]
     assert not any("ReplicatedLinear" in m for m in notes), notes
-    assert any(m.startswith("qkv_proj: fused in the HF file") and "QKVParallelLinear" in m for m in notes)
-    assert any(m.startswith("gate_up_proj: fused in the HF file") and "MergedColumnParallelLinear" in m for m in notes)
+    for attr, layer in fused.items():
+        assert any(m.startswith(f"{attr}: fused in the HF file") and layer in m for m in notes), notes
 
 
 def test_qwen2_moe_dense_and_shared_expert_mlps_shard(tmp_path):

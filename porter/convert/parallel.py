@@ -491,7 +491,7 @@ class ParallelLinears(Pass):
         head = size_of(cst.parse_expression(head_attr), resolve_init)
         if len(split.parts) != 3 or split.parts[1] != split.parts[2]:
             return f"its {len(split.parts)} parts ({', '.join(parts)}) are not q, k, v with k and v of one size"
-        hq, hkv = split.parts[0].over_atom(head), split.parts[1].over_atom(head)
+        hq, hkv = split.parts[0].count_of(head), split.parts[1].count_of(head)
         if hq is None or hkv is None or hq.render() is None or hkv.render() is None:
             return f"its parts ({', '.join(parts)}) are not heads x {head_attr}"
         src = (f"self.{attr} = QKVParallelLinear(\n    hidden_size={code(in_f)},\n    head_size={head_attr},\n"

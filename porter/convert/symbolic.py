@@ -16,6 +16,8 @@ import libcst as cst
 from porter.convert.cst_util import code, dotted
 
 Monomial = tuple[str, ...]  # sorted atoms
+# atom -> (numerator, denominator) of the floor divisions seen (`hidden_size // num_heads` as head size)
+_FLOOR_DIVISIONS: dict[str, tuple["Size", "Size"]] = {}
 
 
 class Size:
@@ -80,6 +82,21 @@ class Size:
             out[tuple(rest)] = coef / c
         return Size(out)
 
+    def count_of(self, size: Size) -> Size | None:
+        """How many `size`s make self: self / size for a single-atom size (`heads * head_dim` /
+        `head_dim`), or B when size is the atom `A // B` and self is A (`hidden_size` over
+        `hidden_size // num_heads` is `num_heads`, the file's own definition of its head size)."""
+        quotient = self.over_atom(size)
+        if quotient is not None:
+            return quotient
+        if len(size.terms) == 1:
+            (mono, coef), = size.terms.items()
+            if coef == 1 and len(mono) == 1 and mono[0] in _FLOOR_DIVISIONS:
+                numerator, denominator = _FLOOR_DIVISIONS[mono[0]]
+                if numerator == self:
+                    return denominator
+        return None
+
     def render(self) -> str | None:
         """Python code for the polynomial; None when a coefficient is not an integer."""
         if any(c.denominator != 1 for c in self.terms.values()):
@@ -133,7 +150,9 @@ def size_of(expr: cst.BaseExpression, resolve: Resolver | None = None, _depth: i
         if isinstance(expr.operator, cst.Multiply):
             return left * right
         if isinstance(expr.operator, cst.FloorDivide):
-            return Size.atom(f"({left.render()}) // ({right.render()})")
+            atom = f"({left.render()}) // ({right.render()})"
+            _FLOOR_DIVISIONS[atom] = (left, right)
+            return Size.atom(atom)
         return None
     if isinstance(expr, (cst.Name, cst.Attribute)) and dotted(expr) is not None:
         bound = resolve(expr) if resolve is not None else None
