@@ -13,7 +13,8 @@ import re
 import libcst as cst
 
 from porter.convert.context import Pass
-from porter.convert.cst_util import code, contains, loads, methods, param_names, parse_stmt, self_call_attr
+from porter.convert.cst_util import (ReadNamesOnly, code, contains, loads, methods, param_names, parse_stmt,
+                                     self_call_attr)
 from porter.convert.engine_imports import add_import, bound_names
 from porter.convert.specialise import callee_map
 
@@ -206,22 +207,13 @@ class AttentionCall(Pass):
         return stmt.with_changes(body=[cst.parse_statement(f"{code(out)} = self.attn({q}, {k}, {v})\n").body[0]])
 
 
-class _NoneFor(cst.CSTTransformer):
+class _NoneFor(ReadNamesOnly, cst.CSTTransformer):
     def __init__(self, names: set[str]):
         super().__init__()
         self.names = names
 
     def leave_Name(self, original, updated):
         return cst.Name("None") if updated.value in self.names else updated
-
-    def leave_Arg(self, original, updated):
-        return updated.with_changes(keyword=original.keyword)
-
-    def leave_Attribute(self, original, updated):
-        return updated.with_changes(attr=original.attr)
-
-    def leave_AssignTarget(self, original, updated):
-        return updated.with_changes(target=original.target)
 
 
 class _NestedBlocks(cst.CSTTransformer):

@@ -226,6 +226,23 @@ def init_assignments(cls: cst.ClassDef) -> list[tuple[str, cst.BaseExpression]]:
     return out
 
 
+class ReadNamesOnly:
+    """Mixin for a transformer whose `leave_Name` rewrites names where they are read: keyword names,
+    attribute names, assignment targets and parameters stay as written."""
+
+    def leave_Arg(self, original, updated):
+        return updated.with_changes(keyword=original.keyword)
+
+    def leave_Attribute(self, original, updated):
+        return updated.with_changes(attr=original.attr)
+
+    def leave_AssignTarget(self, original, updated):
+        return updated.with_changes(target=original.target)
+
+    def leave_Param(self, original, updated):
+        return original
+
+
 def parse_stmt(src: str) -> cst.BaseStatement:
     return cst.parse_statement(src)
 

@@ -13,7 +13,8 @@ import re
 import libcst as cst
 
 from porter.convert.context import Context
-from porter.convert.cst_util import classes, code, dotted, init_assignments, loads, methods, param_names, self_attr
+from porter.convert.cst_util import (ReadNamesOnly, classes, code, dotted, init_assignments, loads, methods,
+                                     param_names, self_attr)
 from porter.convert.inline_layout import Refused, target_names_of
 from porter.convert.specialise import FALSE_PARAMS, NONE_PARAMS
 
@@ -211,7 +212,7 @@ def drop_bias(module: cst.Module, name: str, converted: set[str], ctx: Context) 
     """The converted attention no longer reads the ALiBi input: where the model builds it, it is None
     (its assignments go, reads become None), so the bias code and the mask code mixing it fold away."""
 
-    class Drop(cst.CSTTransformer):
+    class Drop(ReadNamesOnly, cst.CSTTransformer):
         def __init__(self, local: str):
             super().__init__()
             self.depth, self.local = 0, local
@@ -231,18 +232,6 @@ def drop_bias(module: cst.Module, name: str, converted: set[str], ctx: Context) 
 
         def leave_Name(self, original, updated):
             return cst.Name("None") if self.depth and updated.value == self.local else updated
-
-        def leave_Arg(self, original, updated):
-            return updated.with_changes(keyword=original.keyword)
-
-        def leave_Attribute(self, original, updated):
-            return updated.with_changes(attr=original.attr)
-
-        def leave_AssignTarget(self, original, updated):
-            return updated.with_changes(target=original.target)
-
-        def leave_Param(self, original, updated):
-            return original
 
     body = []
     for stmt in module.body:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.convert.context import Context, Pass
-from porter.convert.cst_util import code, param_names, target_names
+from porter.convert.cst_util import ReadNamesOnly, code, param_names, target_names
 
 _FLAG = "return_dict"
 
 
-class _ReturnDict(Pass):
+class _ReturnDict(ReadNamesOnly, Pass):
     name = "return_dict"
 
     def __init__(self, ctx: Context):
@@ -42,18 +42,6 @@ class _ReturnDict(Pass):
 
     def leave_Name(self, original, updated):
         return cst.Name("True") if self._on() and updated.value == _FLAG else updated
-
-    def leave_Arg(self, original, updated):
-        return updated.with_changes(keyword=original.keyword)
-
-    def leave_Attribute(self, original, updated):
-        return updated.with_changes(attr=original.attr)
-
-    def leave_AssignTarget(self, original, updated):
-        return updated.with_changes(target=original.target)
-
-    def leave_Param(self, original, updated):
-        return original
 
 
 def normalise_return_dict(module: cst.Module, ctx: Context) -> cst.Module:
