@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import Phi3Config, Phi3ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import (
+    PhiConfig,
+    PhiForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 from porter.convert.pipeline import convert_file
 from porter.engine.distributed import tp_override
@@ -90,6 +97,14 @@ def test_report_says_fused_projections_are_sharded(model_type, fused):
     assert not any("ReplicatedLinear" in m for m in notes), notes
     for attr, layer in fused.items():
         assert any(m.startswith(f"{attr}: fused in the HF file") and layer in m for m in notes), notes
+
+
+def test_phi_partial_rotary_slices_within_heads_do_not_stop_sharding(tmp_path):
+    """phi slices `query_states[..., :rotary_ndims]` after `.view(*lead, -1, self.head_dim)`: within a head."""
+    config = PhiConfig(**PHI3, num_key_value_heads=2)
+    full, rank0 = tp2_matches_tp1(tmp_path, "phi", PhiForCausalLM, config)
+    qkv = next(n for n in full if n.endswith("layers.0.self_attn.qkv_proj.weight"))
+    assert full[qkv] == ((4 + 2 + 2) * 8, 32) and rank0[qkv] == ((2 + 1 + 1) * 8, 32)
 
 
 def test_qwen2_moe_dense_and_shared_expert_mlps_shard(tmp_path):
@@ -181,6 +196,14 @@ def test_parameters_that_meet_only_whole_data_stay_whole():
     code, refusals = _convert_attention("torch.ones(config.num_attention_heads * self.head_dim)",
                                         out="self.o_proj(attn_output * self.scale)")
     assert not refusals and "shard_parameter(" in code
+
+
+def test_slicing_the_last_dim_is_allowed_only_after_a_per_head_view():
+    then = "\n        query_states = torch.cat([query_states[..., :4], query_states[..., 4:]], dim=-1)"
+    code, refusals = _convert_attention("torch.ones(1)", query="self.q_proj(hidden_states).view(hidden_shape)" + then)
+    assert not refusals and "QKVParallelLinear(" in code
+    code, _ = _convert_attention("torch.ones(1)", query="self.q_proj(hidden_states)" + then)
+    assert "QKVParallelLinear(" not in code and "ReplicatedLinear(" in code
 
 
 def test_split_by_sizes_becomes_a_merged_layer_unless_the_parts_do_not_tile_or_are_resliced():

@@ -41,6 +41,17 @@ from porter.convert.cst_util import (
 _SLICING_METHODS = {"chunk", "split", "unbind", "tensor_split"}
 
 
+def _assigns(fn: cst.CSTNode) -> list[cst.Assign]:
+    out: list[cst.Assign] = []
+
+    class V(cst.CSTVisitor):
+        def visit_Assign(self, n):
+            out.append(n)
+
+    fn.visit(V())
+    return out
+
+
 def _linear_parts(call: cst.Call) -> tuple[cst.BaseExpression, cst.BaseExpression, str]:
     bias = arg_value(call, 2, "bias")
     return arg_value(call, 0, "in_features"), arg_value(call, 1, "out_features"), code(bias) if bias else "True"
@@ -71,13 +82,33 @@ def _calls_of(fn: cst.CSTNode, attr: str) -> list[cst.Call]:
     return out
 
 
+_HEAD_SIZES = ("self.head_dim", "self.head_size")
+
+
+def _per_head_view(value: cst.BaseExpression, tuples: dict[str, cst.Tuple]) -> bool:
+    """`x.view(shape)` / `x.reshape(shape)` whose last dim is the head size (`(*lead, -1, self.head_dim)`):
+    its last dim lies inside one head, so slicing it (partial rotary) is the same on every rank."""
+    if not (isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and
+            value.func.attr.value in ("view", "reshape") and value.args):
+        return False
+    last = value.args[-1].value
+    if len(value.args) == 1 and isinstance(last, cst.Name) and last.value in tuples:
+        last = tuples[last.value]
+    if isinstance(last, cst.Tuple) and last.elements:
+        last = last.elements[-1].value
+    return code(last) in _HEAD_SIZES
+
+
 def _sliced_outputs(fwd: cst.FunctionDef, attrs: set[str]) -> cst.CSTNode | None:
-    """The first offset slicing (subscript, chunk, split) of a value computed from one of `attrs`."""
+    """The first offset slicing (subscript, chunk, split) of a value computed from one of `attrs`; a
+    value viewed per head is not counted (its last dim is within a head)."""
     produced: set[str] = set()
+    tuples = {n.targets[0].target.value: n.value for n in _assigns(fwd)
+              if isinstance(n.targets[0].target, cst.Name) and isinstance(n.value, cst.Tuple)}
 
     class Assigns(cst.CSTVisitor):
         def visit_Assign(self, n: cst.Assign):
-            if contains(n.value, lambda c: self_call_attr(c) in attrs):
+            if contains(n.value, lambda c: self_call_attr(c) in attrs) and not _per_head_view(n.value, tuples):
                 for t in n.targets:
                     if isinstance(t.target, cst.Name):
                         produced.add(t.target.value)
