@@ -204,6 +204,21 @@ def test_slicing_the_last_dim_is_allowed_only_after_a_per_head_view():
     assert not refusals and "QKVParallelLinear(" in code
     code, _ = _convert_attention("torch.ones(1)", query="self.q_proj(hidden_states)" + then)
     assert "QKVParallelLinear(" not in code and "ReplicatedLinear(" in code
+    # a per-head view chunked along its heads dim (DiffLlama's halves of the heads): not within a head
+    heads = "\n        query_states = torch.cat(torch.chunk(query_states, 2, dim=1), dim=1)"
+    code, _ = _convert_attention("torch.ones(1)", query="self.q_proj(hidden_states).view(hidden_shape)" + heads)
+    assert "QKVParallelLinear(" not in code and "ReplicatedLinear(" in code
+
+
+def test_dtype_reads_are_not_sharded_data_and_normal_sizes_are_shapes():
+    # a parameter of unknown shape only cast to q's dtype stays whole; a per-head one built by
+    # torch.normal(size=) splits
+    code, refusals = _convert_attention("make_lambda(config)",
+                                        out=f"{OUT} * self.scale.sum().to(query_states.dtype)")
+    assert not refusals and "shard_parameter" not in code
+    code, refusals = _convert_attention("torch.normal(0, 0.1, size=(config.num_attention_heads,))",
+                                        query=f"{QUERY} * {PER_HEAD}")
+    assert not refusals and "dim=0" in code and "shard_parameter(" in code
 
 
 def test_split_by_sizes_becomes_a_merged_layer_unless_the_parts_do_not_tile_or_are_resliced():

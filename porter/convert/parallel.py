@@ -12,6 +12,7 @@ sharded output per head are split with it (sharded_params.py). Vocab embeddings 
 from __future__ import annotations
 
 import ast
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from porter.convert.cst_util import (
 )
 
 _SLICING_METHODS = {"chunk", "split", "unbind", "tensor_split"}
+_ATTENTION_LIKE = re.compile(r"softmax|scaled_dot_product_attention|ALL_ATTENTION_FUNCTIONS|"
+                             r"\b(matmul|bmm|einsum)\(|\s@\s")
 
 
 def _assigns(fn: cst.CSTNode) -> list[cst.Assign]:
@@ -99,36 +102,55 @@ def _per_head_view(value: cst.BaseExpression, tuples: dict[str, cst.Tuple]) -> b
     return code(last) in _HEAD_SIZES
 
 
+def _within_head(n: cst.CSTNode) -> bool:
+    """`x[..., a:b]`, or a chunk/split along dim -1."""
+    if isinstance(n, cst.Subscript):
+        els = n.slice
+        return len(els) == 2 and isinstance(els[0].slice, cst.Index) and \
+            isinstance(els[0].slice.value, cst.Ellipsis) and isinstance(els[1].slice, cst.Slice)
+    torch_form = (dotted(n.func) or "").startswith("torch.")
+    dim = arg_value(n, 2 if torch_form else 1, "dim")
+    return dim is not None and "".join(code(dim).split()) == "-1"
+
+
 def _sliced_outputs(fwd: cst.FunctionDef, attrs: set[str]) -> cst.CSTNode | None:
     """The first offset slicing (subscript, chunk, split) of a value computed from one of `attrs`; a
-    value viewed per head is not counted (its last dim is within a head)."""
+    value viewed per head may be sliced along its last dim, which lies inside a head (partial rotary)."""
     produced: set[str] = set()
+    per_head: set[str] = set()
     tuples = {n.targets[0].target.value: n.value for n in _assigns(fwd)
               if isinstance(n.targets[0].target, cst.Name) and isinstance(n.value, cst.Tuple)}
 
     class Assigns(cst.CSTVisitor):
         def visit_Assign(self, n: cst.Assign):
-            if contains(n.value, lambda c: self_call_attr(c) in attrs) and not _per_head_view(n.value, tuples):
+            if contains(n.value, lambda c: self_call_attr(c) in attrs):
+                into = per_head if _per_head_view(n.value, tuples) else produced
                 for t in n.targets:
                     if isinstance(t.target, cst.Name):
-                        produced.add(t.target.value)
+                        into.add(t.target.value)
 
     fwd.visit(Assigns())
+    per_head -= produced
     found: list[cst.CSTNode] = []
 
-    def slicing(n) -> bool:
-        if isinstance(n, cst.Subscript) and (code(n.value) in produced or self_call_attr(n.value) in attrs):
+    def sliced(base, n) -> bool:
+        if code(base) in produced or self_call_attr(base) in attrs:
             return True
+        return code(base) in per_head and not _within_head(n)
+
+    def slicing(n) -> bool:
+        if isinstance(n, cst.Subscript):
+            return sliced(n.value, n)
         if isinstance(n, cst.Call) and (dotted(n.func) or "").removeprefix("torch.") in _SLICING_METHODS and \
                 (dotted(n.func) or "").startswith("torch.") and n.args:  # torch.split(x, ...)
-            return code(n.args[0].value) in produced or self_call_attr(n.args[0].value) in attrs
+            return sliced(n.args[0].value, n)
         if isinstance(n, cst.Call) and isinstance(n.func, cst.Attribute) and n.func.attr.value in _SLICING_METHODS:
             base = n.func.value
             while isinstance(base, cst.Call) and isinstance(base.func, cst.Attribute):
-                if code(base) in produced or self_call_attr(base) in attrs:
+                if sliced(base, n):
                     return True
                 base = base.func.value
-            return code(base) in produced or self_call_attr(base) in attrs
+            return sliced(base, n)
         return False
 
     class Find(cst.CSTVisitor):
@@ -297,7 +319,10 @@ def nested_dense_blocks(module: cst.Module, roles) -> set[str]:
             c = cls_map[built]
             if built in taken or built in found or "forward" not in methods(c):
                 continue
-            if any(_is_linear(v) for _, v in init_assignments(c)) or _constructs(c, {"FusedMoE"}):
+            moe = bool(_constructs(c, {"FusedMoE"}))  # routing may softmax over experts
+            if not moe and _ATTENTION_LIKE.search(code(c)):
+                continue  # scores between tokens: not a feed-forward block, left as it is
+            if moe or any(_is_linear(v) for _, v in init_assignments(c)):
                 found.add(built)
                 frontier.append(built)
     return found

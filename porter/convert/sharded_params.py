@@ -7,7 +7,7 @@ of `head_scale`. The decision is read from the code, never from names:
   column-parallel linear's output (or another sharded value) outside the arguments of a row-parallel
   linear (whose all-reduced output is whole again). A parameter meets sharded data when the largest
   expression around its read that stays below any row-parallel call also reads sharded data.
-- shape: the parameter is built by `nn.Parameter(torch.ones/zeros/empty/randn/rand/full(shape))`; the dim
+- shape: the parameter is built by `nn.Parameter(torch.ones/zeros/empty/randn/rand/full/normal(shape))`; the dim
   whose size expression equals a sharded size of the block (query heads, heads x head size, an MLP
   column output) is the one to split.
 A parameter that meets sharded data but whose shape is unknown, matches several sharded sizes, is read
@@ -24,7 +24,8 @@ from porter.convert.cst_util import code, dotted, methods, self_attr, self_call_
 from porter.convert.symbolic import Size, size_of
 
 _PARAMETER = {"nn.Parameter", "torch.nn.Parameter", "Parameter"}
-_FACTORIES = {"torch.ones", "torch.zeros", "torch.empty", "torch.randn", "torch.rand", "torch.full"}
+_FACTORIES = {"torch.ones", "torch.zeros", "torch.empty", "torch.randn", "torch.rand", "torch.full", "torch.normal"}
+_METADATA = {"dtype", "device"}
 
 
 @dataclass
@@ -61,6 +62,11 @@ def _shape(param_call: cst.Call) -> list[cst.BaseExpression] | None:
         value = value.left if isinstance(value.left, cst.Call) else value.right
     if not (isinstance(value, cst.Call) and dotted(value.func) in _FACTORIES):
         return None
+    size = next((a.value for a in value.args if a.keyword is not None and a.keyword.value == "size"), None)
+    if size is not None:  # torch.normal(mean, std, size=(...)), torch.ones(size=(...))
+        return [e.value for e in size.elements] if isinstance(size, (cst.Tuple, cst.List)) else [size]
+    if dotted(value.func) == "torch.normal":
+        return None
     positional = [a.value for a in value.args if a.keyword is None and not a.star]
     if dotted(value.func) == "torch.full":
         positional = positional[:1]
@@ -92,7 +98,8 @@ class _Taint:
                     found.append(n)
                     return False
                 if isinstance(n, cst.Attribute):
-                    n.value.visit(self)
+                    if n.attr.value not in _METADATA:  # x.dtype / x.device carry no sharded data
+                        n.value.visit(self)
                     return False
                 if isinstance(n, cst.Arg) and n.keyword is not None:
                     n.value.visit(self)
@@ -200,7 +207,7 @@ def decide(cls: cst.ClassDef, sizes: dict[Size, SplitSize], column: set[str], ro
                 matching.append((dim, expr, sizes[s]))
         if shape is None and (meets.get(p) or p in unchecked or p in elsewhere):
             decision.refusals.append((stmt, construct, "it meets the block's tensor-parallel (sharded) data but "
-                                      "its shape is not a torch.ones/zeros/empty/randn/rand/full(...) call, so "
+                                      "its shape is not a torch.ones/zeros/empty/randn/rand/full/normal(...) call, so "
                                       "which dim follows the split heads cannot be told"))
             continue
         if not matching:
