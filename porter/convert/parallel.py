@@ -496,6 +496,10 @@ class ParallelLinears(Pass):
         sharded = why_replicated is None
         self.ctx.sharded[name] = sharded
         self.ctx.fusions[name] = fusions
+        if not sharded and name in self.dense:  # nested, not an MLP that shards: its HF linears run whole
+            self.note(original, f"{name}: linears {', '.join(linears)} kept as HF code, whole on every rank "
+                                f"({why_replicated})")
+            return cls
         if not sharded:
             self.note(original, f"{name}: linears {', '.join(linears)} -> ReplicatedLinear ({why_replicated})")
         self._check_plan(original, name, linears, column, sharded)
