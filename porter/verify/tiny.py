@@ -74,6 +74,12 @@ def shrink_config(config: PretrainedConfig) -> PretrainedConfig:
     """Toy sizes, same features. Mutates and returns `config`."""
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None)
+    layers_before = getattr(config, "num_hidden_layers", None)
+    if hasattr(config, "head_dim") and config.head_dim is None and heads:
+        try:  # left None by some defaults for the modeling code to derive, which not every file does
+            config.head_dim = HEAD_DIM
+        except AttributeError:
+            pass
     for name, value in _SIZES.items():
         if getattr(config, name, None) is not None:
             try:
@@ -99,12 +105,15 @@ def shrink_config(config: PretrainedConfig) -> PretrainedConfig:
         setattr(config, "num_key_value_heads", HEADS if kv_heads == heads else 1 if kv_heads == 1 else HEADS // 2)
     if getattr(config, "sliding_window", None):
         config.sliding_window = SLIDING_WINDOW
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        kinds = list(dict.fromkeys(layer_types))  # every kind once, in order of first appearance
-        n = max(LAYERS, len(kinds))
+    # per-layer lists (layer_types, mlp_layer_types, ...): every kind kept once, in order of first appearance
+    per_layer = {name: value for name, value in vars(config).items()
+                 if "layer" in name and isinstance(value, list) and value and len(value) == layers_before}
+    if per_layer:
+        kinds = {name: list(dict.fromkeys(value)) for name, value in per_layer.items()}
+        n = max(LAYERS, *(len(k) for k in kinds.values()))
         config.num_hidden_layers = n
-        config.layer_types = (kinds * n)[:n]
+        for name, k in kinds.items():
+            setattr(config, name, (k * n)[:n])
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         ids = getattr(config, name, None)
         if isinstance(ids, int) and ids >= VOCAB:

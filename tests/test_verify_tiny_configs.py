@@ -1,5 +1,6 @@
 """`porter verify --tiny` on configs whose defaults HF itself cannot run at toy size (routed experts with
-no top-k, latent-attention head widths), and a converted MoE model whose layers are all dense."""
+no top-k, latent-attention head widths, per-layer lists besides layer_types, head_dim left None), and a
+converted MoE model whose layers are all dense."""
 from __future__ import annotations
 
 import pytest
@@ -39,3 +40,18 @@ def test_moe_model_with_only_dense_layers_loads(tmp_path):
     model.save_pretrained(tmp_path / "dense_only")
     report = verify(VerifyOptions(target=str(tmp_path / "dense_only"), model_file=engine, max_tokens=6))
     assert report.passed, [f"{c.name}: {c.detail}" for c in report.checks if not c.passed]
+
+
+def test_every_per_layer_list_shrinks_with_the_layer_count():
+    config = AutoConfig.for_model("mellum")  # mlp_layer_types next to layer_types
+    assert len(config.mlp_layer_types) == config.num_hidden_layers > LAYERS
+    kinds = set(config.mlp_layer_types)
+    shrink_config(config)
+    assert len(config.mlp_layer_types) == len(config.layer_types) == config.num_hidden_layers >= LAYERS
+    assert set(config.mlp_layer_types) == kinds  # every kind of layer still built
+
+
+@pytest.mark.parametrize("model_type", ["mellum", "ministral"])  # per-layer MLP kinds; head_dim None by default
+def test_verify_tiny_runs_where_the_default_config_did_not(model_type, tmp_path):
+    _, engine = convert(model_type, tmp_path)
+    verify_tiny(model_type, engine)
