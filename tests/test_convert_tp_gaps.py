@@ -245,6 +245,25 @@ class FooMLP(nn.Module):
     assert any("itself sliced by offsets (`gate[..., :4]`)" in c.message for c in ctx.report.changes)
 
 
+def test_parts_picked_from_the_tuple_a_chunk_returns_shard():
+    mlp = '''# golden: passes=ParallelLinears mlp=FooMLP
+class FooMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_linear = nn.Linear(config.hidden_size, config.n * 2, bias=False)
+        self.output_linear = nn.Linear(config.n, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states):
+        hidden_states = self.input_linear(hidden_states)
+        chunked = hidden_states.chunk(2, dim=-1)
+        return self.output_linear(self.act(chunked[0]) * chunked[PICK])
+'''
+    out, _ = run_golden(mlp.replace("PICK", "1"))
+    assert "MergedColumnParallelLinear(" in out and "[config.n, config.n]" in out
+    out, _ = run_golden(mlp.replace("PICK", "1][..., :4"))  # offsets into a part: not its rank slice
+    assert "ReplicatedLinear(" in out
+
+
 def test_shard_parameter_holds_and_loads_the_ranks_slice():
     full = torch.arange(12.0).view(4, 3)
     with tp_override(1, 2):

@@ -129,20 +129,31 @@ def _resliced_part(fwd: cst.FunctionDef, scope, split: FusedSplit) -> cst.CSTNod
     `gate[..., :n]`): offsets into a whole part, which its rank slice does not have."""
     sites = {id(c) for c in split.split_calls} | set(split.slices)
     parts: set[str] = set()
+    tuples: set[str] = set()  # `parts = x.chunk(2, dim=-1)`: parts[0] picks a part, it slices nothing
     for stmt in scope:
         if isinstance(stmt, cst.SimpleStatementLine):
             for small in stmt.body:
                 if isinstance(small, cst.Assign) and id(small.value) in sites:
-                    parts |= {n for t in small.targets for n in target_names(t.target) or []}
+                    for t in small.targets:
+                        names = target_names(t.target) or []
+                        whole_tuple = isinstance(t.target, cst.Name) and id(small.value) not in split.slices
+                        (tuples if whole_tuple else parts).update(names)
+    def picks_part(n) -> bool:
+        return isinstance(n, cst.Subscript) and isinstance(n.value, cst.Name) and n.value.value in tuples and \
+            len(n.slice) == 1 and isinstance(n.slice[0].slice, cst.Index) and \
+            isinstance(n.slice[0].slice.value, cst.Integer)
+
     for n in _nodes(fwd):
-        if id(n) in sites:
+        if id(n) in sites or picks_part(n):
             continue
+        if isinstance(n, cst.Subscript) and isinstance(n.value, cst.Name) and n.value.value in tuples:
+            return n
         base = n.value if isinstance(n, cst.Subscript) else \
             n.func.value if isinstance(n, cst.Call) and isinstance(n.func, cst.Attribute) and \
             n.func.attr.value in _SPLITS else \
             n.args[0].value if isinstance(n, cst.Call) and dotted(n.func) in ("torch.split", "torch.chunk") and \
             n.args else None
-        if isinstance(base, cst.Name) and base.value in parts:
+        if isinstance(base, cst.Name) and base.value in parts or picks_part(base):
             return n
     return None
 
