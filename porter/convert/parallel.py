@@ -12,17 +12,16 @@ sharded output per head are split with it (sharded_params.py). Vocab embeddings 
 from __future__ import annotations
 
 import ast
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import libcst as cst
 
 from porter.convert.context import Fusion, Pass
+from porter.convert.dense_blocks import constructs, is_linear, nested_dense_blocks
 from porter.convert.prefused import FusedSplit, find_fused_split, rewrite_splits
 from porter.convert.sharded_params import SplitSize, decide, rewrite_init
-from porter.convert.symbolic import Size, size_of
+from porter.convert.symbolic import Size, class_resolvers, size_of
 from porter.convert.cst_util import (
     arg_value,
     code,
@@ -40,10 +39,6 @@ from porter.convert.cst_util import (
 )
 
 _SLICING_METHODS = {"chunk", "split", "unbind", "tensor_split"}
-_ATTENTION_LIKE = re.compile(r"softmax|scaled_dot_product_attention|ALL_ATTENTION_FUNCTIONS|"
-                             r"\b(matmul|bmm|einsum)\(|\s@\s")
-
-
 def _assigns(fn: cst.CSTNode) -> list[cst.Assign]:
     out: list[cst.Assign] = []
 
@@ -58,10 +53,6 @@ def _assigns(fn: cst.CSTNode) -> list[cst.Assign]:
 def _linear_parts(call: cst.Call) -> tuple[cst.BaseExpression, cst.BaseExpression, str]:
     bias = arg_value(call, 2, "bias")
     return arg_value(call, 0, "in_features"), arg_value(call, 1, "out_features"), code(bias) if bias else "True"
-
-
-def _is_linear(value) -> bool:
-    return isinstance(value, cst.Call) and (dotted(value.func) or "") in ("nn.Linear", "torch.nn.Linear", "Linear")
 
 
 def _fused_name(members: list[str]) -> str:
@@ -235,99 +226,6 @@ def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
     return None
 
 
-def _assigned(fn: cst.FunctionDef) -> tuple[Counter, dict[str, cst.BaseExpression]]:
-    """How often each name and `self.attr` is assigned in fn (anywhere), and the value of plain
-    single-target assignments (`x = v`, `self.x = v`), keyed "x" / "self.x"."""
-    counts: Counter = Counter()
-    values: dict[str, cst.BaseExpression] = {}
-
-    class V(cst.CSTVisitor):
-        def _target(self, t, value):
-            names = target_names(t)
-            keys = names if names is not None else ([f"self.{self_attr(t)}"] if self_attr(t) else [])
-            for k in keys:
-                counts[k] += 1
-                if value is not None and (isinstance(t, cst.Name) or self_attr(t)):
-                    values[k] = value
-
-        def visit_Assign(self, n):
-            for t in n.targets:
-                self._target(t.target, n.value if len(n.targets) == 1 else None)
-
-        def visit_AugAssign(self, n):
-            self._target(n.target, None)
-
-        def visit_AnnAssign(self, n):
-            self._target(n.target, n.value)
-
-        def visit_For(self, n):
-            self._target(n.target, None)
-
-    fn.visit(V())
-    return counts, values
-
-
-def _resolvers(cls: cst.ClassDef):
-    """Size resolvers for __init__ and forward expressions: a name or `self.attr` assigned once stands
-    for its value (`self.config` -> `config`, `q_pos` -> `self.config.num_attention_heads * self.head_dim`)."""
-    ms = methods(cls)
-    init_counts, init_values = _assigned(ms["__init__"])
-    fwd_counts, fwd_values = _assigned(ms["forward"])
-
-    def make(scopes):
-        def resolve(node):
-            key = f"self.{self_attr(node)}" if self_attr(node) else node.value if isinstance(node, cst.Name) else None
-            if key is None:
-                return None
-            if key.startswith("self."):
-                return init_values.get(key) if init_counts[key] == 1 and fwd_counts[key] == 0 else None
-            for counts, values in scopes:
-                if counts[key]:
-                    return values.get(key) if counts[key] == 1 else None
-            return None
-        return resolve
-
-    return make([(init_counts, init_values)]), make([(fwd_counts, fwd_values), (init_counts, init_values)])
-
-
-def _constructs(cls: cst.ClassDef, names: set[str]) -> set[str]:
-    """Which of `names` the class's __init__ constructs (anywhere, also inside conditionals)."""
-    init = methods(cls).get("__init__")
-    found: set[str] = set()
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n):
-            if dotted(n.func) in names:
-                found.add(dotted(n.func))
-
-    if init is not None:
-        init.visit(V())
-    return found
-
-
-def nested_dense_blocks(module: cst.Module, roles) -> set[str]:
-    """Linear-bearing classes (with a forward) built by the decoder layer or by an MLP block, anywhere
-    in __init__ (a dense MLP chosen by a per-layer condition, a MoE block and its shared expert), that
-    analyse did not give a role."""
-    cls_map = {s.name.value: s for s in module.body if isinstance(s, cst.ClassDef)}
-    taken = roles.attention | roles.mlp | roles.dropped | roles.pretrained | {roles.decoder, roles.base,
-                                                                              roles.causal_lm}
-    found: set[str] = set()
-    frontier = [c for c in [roles.decoder, *roles.mlp] if c in cls_map]
-    while frontier:
-        for built in _constructs(cls_map[frontier.pop()], set(cls_map)):
-            c = cls_map[built]
-            if built in taken or built in found or "forward" not in methods(c):
-                continue
-            moe = bool(_constructs(c, {"FusedMoE"}))  # routing may softmax over experts
-            if not moe and _ATTENTION_LIKE.search(code(c)):
-                continue  # scores between tokens: not a feed-forward block, left as it is
-            if moe or any(_is_linear(v) for _, v in init_assignments(c)):
-                found.add(built)
-                frontier.append(built)
-    return found
-
-
 @dataclass
 class _Prefused:
     """The fused parallel layer built for a projection fused in the HF file."""
@@ -442,7 +340,7 @@ class ParallelLinears(Pass):
         name = cls.name.value
         ms = methods(cls)
         fwd = ms["forward"]
-        linears = {a: v for a, v in init_assignments(cls) if _is_linear(v)}
+        linears = {a: v for a, v in init_assignments(cls) if is_linear(v)}
         if not linears:
             self.ctx.sharded[name] = False
             return cls
@@ -457,7 +355,7 @@ class ParallelLinears(Pass):
         fusions: list[Fusion] = []
         prefused = None
         why_replicated = None
-        resolve_init, resolve_fwd = _resolvers(cls)
+        resolve_init, resolve_fwd = class_resolvers(cls)
         sliced = _sliced_outputs(fwd, set(column))
         per_head = attention and len(column) == 1 and sliced is not None and \
             "num_key_value_heads" not in code(cls) and _per_head_split(fwd, column[0]) is not None
@@ -465,7 +363,7 @@ class ParallelLinears(Pass):
             self.note(original, f"{column[0]}: q/k/v interleaved per head (view(..., -1, N * head).chunk(N)): "
                                 "column-parallel by heads")
             sliced = None
-        if _constructs(cls, {"FusedMoE"}):
+        if constructs(cls, {"FusedMoE"}):
             why_replicated = "a mixture-of-experts block: its own linears are gates over the whole hidden " \
                              "state; the experts shard inside FusedMoE"
         elif sliced is not None:

@@ -4,16 +4,18 @@ with `self.config.num_attention_heads * self.head_dim`, or tell that `qkv[..., a
 An expression becomes a sum of monomials over atoms: any sub-expression that is not +, -, * or a
 number (a name, an attribute, a call, a floor division of two sizes) is an atom, keyed by its code.
 A resolver may replace a name or attribute by the expression it is bound to (a local, `self.x` of
-__init__) before it becomes an atom, so both sides of a comparison reach the same atoms.
+__init__) before it becomes an atom, so both sides of a comparison reach the same atoms; `class_resolvers` builds them for a block's
+__init__ and forward.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
 
 import libcst as cst
 
-from porter.convert.cst_util import code, dotted
+from porter.convert.cst_util import code, dotted, methods, self_attr, target_names
 
 Monomial = tuple[str, ...]  # sorted atoms
 # atom -> (numerator, denominator) of the floor divisions seen (`hidden_size // num_heads` as head size)
@@ -167,3 +169,58 @@ def size_of(expr: cst.BaseExpression, resolve: Resolver | None = None, _depth: i
     if isinstance(expr, cst.Call):
         return Size.atom("".join(code(expr).split()))
     return None
+
+
+def _assigned(fn: cst.FunctionDef) -> tuple[Counter, dict[str, cst.BaseExpression]]:
+    """How often each name and `self.attr` is assigned in fn (anywhere), and the value of plain
+    single-target assignments (`x = v`, `self.x = v`), keyed "x" / "self.x"."""
+    counts: Counter = Counter()
+    values: dict[str, cst.BaseExpression] = {}
+
+    class V(cst.CSTVisitor):
+        def _target(self, t, value):
+            names = target_names(t)
+            keys = names if names is not None else ([f"self.{self_attr(t)}"] if self_attr(t) else [])
+            for k in keys:
+                counts[k] += 1
+                if value is not None and (isinstance(t, cst.Name) or self_attr(t)):
+                    values[k] = value
+
+        def visit_Assign(self, n):
+            for t in n.targets:
+                self._target(t.target, n.value if len(n.targets) == 1 else None)
+
+        def visit_AugAssign(self, n):
+            self._target(n.target, None)
+
+        def visit_AnnAssign(self, n):
+            self._target(n.target, n.value)
+
+        def visit_For(self, n):
+            self._target(n.target, None)
+
+    fn.visit(V())
+    return counts, values
+
+
+def class_resolvers(cls: cst.ClassDef):
+    """Size resolvers for __init__ and forward expressions: a name or `self.attr` assigned once stands
+    for its value (`self.config` -> `config`, `q_pos` -> `self.config.num_attention_heads * self.head_dim`)."""
+    ms = methods(cls)
+    init_counts, init_values = _assigned(ms["__init__"])
+    fwd_counts, fwd_values = _assigned(ms["forward"])
+
+    def make(scopes):
+        def resolve(node):
+            key = f"self.{self_attr(node)}" if self_attr(node) else node.value if isinstance(node, cst.Name) else None
+            if key is None:
+                return None
+            if key.startswith("self."):
+                return init_values.get(key) if init_counts[key] == 1 and fwd_counts[key] == 0 else None
+            for counts, values in scopes:
+                if counts[key]:
+                    return values.get(key) if counts[key] == 1 else None
+            return None
+        return resolve
+
+    return make([(init_counts, init_values)]), make([(fwd_counts, fwd_values), (init_counts, init_values)])
