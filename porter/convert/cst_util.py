@@ -226,6 +226,19 @@ def init_assignments(cls: cst.ClassDef) -> list[tuple[str, cst.BaseExpression]]:
     return out
 
 
+def calls_of(node: cst.CSTNode, attr: str) -> list[cst.Call]:
+    """Every `self.<attr>(...)` call inside node, in source order."""
+    out = []
+
+    class V(cst.CSTVisitor):
+        def visit_Call(self, n):
+            if self_call_attr(n) == attr:
+                out.append(n)
+
+    node.visit(V())
+    return out
+
+
 class ReadNamesOnly:
     """Mixin for a transformer whose `leave_Name` rewrites names where they are read: keyword names,
     attribute names, assignment targets and parameters stay as written."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.convert.context import Context
-from porter.convert.cst_util import classes, code, contains, dotted, loads, methods, param_names, self_attr, \
+from porter.convert.cst_util import calls_of, classes, code, contains, dotted, loads, methods, param_names, self_attr, \
     is_pure, self_call_attr, target_names
 from porter.convert.specialise import NONE_PARAMS
 
@@ -170,7 +170,7 @@ class MLA:
         if not (isinstance(target, cst.Tuple) and len(target.elements) == 2):
             raise Unsupported(self.iface_stmt, "expected `out, weights = attention_interface(...)`")
         self.out, self.weights = (code(e.value) for e in target.elements)
-        outs = [a for a in self.linears if any(self.out in loads(c) for c in self._calls_of(fwd, a))]
+        outs = [a for a in self.linears if any(self.out in loads(c) for c in calls_of(fwd, a))]
         if len(outs) != 1:
             raise Unsupported(fwd, "no single output projection of the attention output")
         self.o = outs[0]
@@ -207,7 +207,7 @@ class MLA:
                 live = any(isinstance(x, cst.Assign) and self.latent in (target_names(x.targets[0].target) or [])
                            for x in smalls)
                 continue
-            normed = sum(1 for c in self._calls_of(stmt, self.kv_norm) if loads(c)[self.latent])
+            normed = sum(1 for c in calls_of(stmt, self.kv_norm) if loads(c)[self.latent])
             if loads(stmt)[self.latent] != normed:
                 raise Unsupported(stmt, f"the latent `{self.latent}` is read other than by `self.{self.kv_norm}`")
             if any(isinstance(x, cst.Assign) and self.latent in (target_names(x.targets[0].target) or [])
@@ -234,17 +234,6 @@ class MLA:
                         for t in small.targets:
                             tensors |= set(target_names(t.target) or [])
 
-    def _calls_of(self, fn, attr) -> list[cst.Call]:
-        out = []
-
-        class V(cst.CSTVisitor):
-            def visit_Call(self, n):
-                if self_call_attr(n) == attr:
-                    out.append(n)
-
-        fn.visit(V())
-        return out
-
     def _norm_of(self, name: str) -> str | None:
         for call in self._calls_of_any(self.fwd):
             a = self_call_attr(call)
@@ -264,7 +253,7 @@ class MLA:
         return out
 
     def _check_reads_hidden(self, attr: str) -> None:
-        for call in self._calls_of(self.fwd, attr):
+        for call in calls_of(self.fwd, attr):
             if [code(a.value) for a in call.args] != [self.hidden]:
                 raise Unsupported(call, f"`self.{attr}` does not read the block input `{self.hidden}`")
 
@@ -289,7 +278,7 @@ class MLA:
         the block input, e.g. `q = self.qb(self.norm(self.qa(x))).view(shape).transpose(1, 2)`."""
         others = [a for a in self.linears if a not in (self.kv_a, self.o)]
         for s in self.fwd.body.body:
-            used = [a for a in others if self._calls_of(s, a)]
+            used = [a for a in others if calls_of(s, a)]
             if not used or not isinstance(s, (cst.If, cst.SimpleStatementLine)):
                 continue
             assigns = _statements(s)

@@ -24,6 +24,7 @@ from porter.convert.sharded_params import SplitSize, decide, rewrite_init
 from porter.convert.symbolic import Size, class_resolvers, size_of
 from porter.convert.cst_util import (
     arg_value,
+    calls_of,
     code,
     contains,
     dotted,
@@ -39,6 +40,8 @@ from porter.convert.cst_util import (
 )
 
 _SLICING_METHODS = {"chunk", "split", "unbind", "tensor_split"}
+
+
 def _assigns(fn: cst.CSTNode) -> list[cst.Assign]:
     out: list[cst.Assign] = []
 
@@ -62,18 +65,6 @@ def _fused_name(members: list[str]) -> str:
 
 def _local(name: str) -> str:
     return name[: -len("_proj")] if name.endswith("_proj") else name
-
-
-def _calls_of(fn: cst.CSTNode, attr: str) -> list[cst.Call]:
-    out = []
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n):
-            if self_call_attr(n) == attr:
-                out.append(n)
-
-    fn.visit(V())
-    return out
 
 
 _HEAD_SIZES = ("self.head_dim", "self.head_size")
@@ -163,7 +154,7 @@ def _reads_block_input(fwd: cst.FunctionDef, attrs: set[str]) -> dict[str, bool]
 
     def visit(stmts):
         for stmt in stmts:
-            for call in [c for a in attrs for c in _calls_of(stmt, a)]:
+            for call in [c for a in attrs for c in calls_of(stmt, a)]:
                 a = self_call_attr(call)
                 ok = len(call.args) == 1 and isinstance(call.args[0].value, cst.Name) and \
                     call.args[0].value.value in current
@@ -344,7 +335,7 @@ class ParallelLinears(Pass):
         if not linears:
             self.ctx.sharded[name] = False
             return cls
-        calls = {a: _calls_of(fwd, a) for a in linears}
+        calls = {a: calls_of(fwd, a) for a in linears}
         reads_input = _reads_block_input(fwd, set(linears))
         column = [a for a in linears if calls[a] and reads_input.get(a)]
         row = [a for a in linears if a not in column]
@@ -619,12 +610,12 @@ class ParallelLinears(Pass):
 
         def rewrite_statement(stmt):
             prelude = []
-            members_here = [m for m in member_var if _calls_of(stmt, m)]
+            members_here = [m for m in member_var if calls_of(stmt, m)]
             for m in members_here:
                 f = fused_of[m]
                 if f.fused in pending:
                     pending.pop(f.fused)
-                    arg = code(_calls_of(stmt, m)[0].args[0].value)
+                    arg = code(calls_of(stmt, m)[0].args[0].value)
                     fv = _local(f.fused)
                     while fv in taken:
                         fv += "_out"
