@@ -169,7 +169,7 @@ class ModelRunner:
         prefill in both tile configs, mixed and decode-only batches, token counts with and without the
         divisible-by-16 specialisation) now, not inside the first requests. Nothing is written to the cache."""
         cfg = self.config
-        room = min(cfg.max_num_batched_tokens, cfg.max_model_len - 1)
+        room = min(cfg.max_num_batched_tokens, cfg.max_model_len - 4)  # positions stay below max_model_len
         batches = [[17, 1], [32], [1, 1, 1]]
         if room >= 2048 + 3:  # the long-query tile config (porter.kernels.prefill_attention.LONG_QUERY)
             batches.append([2048 + 3])
