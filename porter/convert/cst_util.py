@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 import libcst as cst
+import libcst.matchers as matchers
 
 _EMPTY = cst.Module(body=[])
 
@@ -228,15 +229,7 @@ def init_assignments(cls: cst.ClassDef) -> list[tuple[str, cst.BaseExpression]]:
 
 def calls_of(node: cst.CSTNode, attr: str) -> list[cst.Call]:
     """Every `self.<attr>(...)` call inside node, in source order."""
-    out = []
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n):
-            if self_call_attr(n) == attr:
-                out.append(n)
-
-    node.visit(V())
-    return out
+    return [c for c in matchers.findall(node, matchers.Call()) if self_call_attr(c) == attr]
 
 
 class ReadNamesOnly:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.cst_util import code, dotted, init_assignments, methods
 
@@ -20,16 +21,9 @@ def is_linear(value) -> bool:
 def constructs(cls: cst.ClassDef, names: set[str]) -> set[str]:
     """Which of `names` the class's __init__ constructs (anywhere, also inside conditionals)."""
     init = methods(cls).get("__init__")
-    found: set[str] = set()
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n):
-            if dotted(n.func) in names:
-                found.add(dotted(n.func))
-
-    if init is not None:
-        init.visit(V())
-    return found
+    if init is None:
+        return set()
+    return {d for c in matchers.findall(init, matchers.Call()) if (d := dotted(c.func)) in names}
 
 
 def nested_dense_blocks(module: cst.Module, roles) -> set[str]:

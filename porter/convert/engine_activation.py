@@ -12,6 +12,7 @@ activation otherwise), so the choice happens when the model is built from the ch
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as matchers
 from transformers.activations import ACT2FN
 
 from porter.convert.context import Pass
@@ -215,14 +216,7 @@ def _drop_act2fn_import(module: cst.Module) -> cst.Module:
 
 
 def _attributes(node: cst.CSTNode) -> list[cst.Attribute]:
-    out = []
-
-    class V(cst.CSTVisitor):
-        def visit_Attribute(self, n):
-            out.append(n)
-
-    node.visit(V())
-    return out
+    return list(matchers.findall(node, matchers.Attribute()))
 
 
 def _foreign_attr_reads(module: cst.Module) -> set[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import (
@@ -208,13 +209,4 @@ class CausalLMHead(Pass):
 
 
 def _self_attrs(node: cst.CSTNode) -> set[str]:
-    out = set()
-
-    class V(cst.CSTVisitor):
-        def visit_Attribute(self, n):
-            a = self_attr(n)
-            if a:
-                out.add(a)
-
-    node.visit(V())
-    return out
+    return {a for n in matchers.findall(node, matchers.Attribute()) if (a := self_attr(n))}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.context import Context
 from porter.convert.cst_util import (ReadNamesOnly, classes, code, dotted, init_assignments, loads, methods,
@@ -101,14 +102,7 @@ def _fixed_default(module: cst.Module, fn: cst.FunctionDef, name: str) -> str | 
 
 
 def _calls_in(node) -> list[cst.Call]:
-    out = []
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n: cst.Call):
-            out.append(n)
-
-    node.visit(V())
-    return out
+    return list(matchers.findall(node, matchers.Call()))
 
 
 def _producers(module, attn, name: str, funcs) -> set[str]:
@@ -169,16 +163,7 @@ def _assigns(fn: cst.FunctionDef, name: str) -> bool:
 
 
 def _called(node) -> set[str]:
-    out = set()
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n: cst.Call):
-            d = dotted(n.func)
-            if d:
-                out.add(d)
-
-    node.visit(V())
-    return out
+    return {d for c in matchers.findall(node, matchers.Call()) if (d := dotted(c.func))}
 
 
 def _gate(module, attn, name: str) -> str | None:

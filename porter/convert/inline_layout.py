@@ -19,6 +19,7 @@ import ast
 from dataclasses import dataclass, field
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.cst_util import code, dotted, loads, param_names, self_attr
 from porter.convert.specialise import NONE_PARAMS
@@ -938,25 +939,11 @@ class FlatFunction:
 
 
 def _subscripts(node) -> list[cst.Subscript]:
-    out = []
-
-    class V(cst.CSTVisitor):
-        def visit_Subscript(self, n):
-            out.append(n)
-
-    node.visit(V())
-    return out
+    return list(matchers.findall(node, matchers.Subscript()))
 
 
 def _calls(node) -> list[cst.Call]:
-    out = []
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n):
-            out.append(n)
-
-    node.visit(V())
-    return out
+    return list(matchers.findall(node, matchers.Call()))
 
 
 def target_names_of(target) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.convert.context import Context
-from porter.convert.cst_util import classes, code, dotted, init_assignments, loads, methods, self_call_attr
+from porter.convert.cst_util import code, dotted, init_assignments, loads, methods, self_call_attr
 
 _NAME = "logits"
 

@@ -24,6 +24,7 @@ projection row-parallel, so tensor parallelism splits heads cleanly. The rope fu
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.context import Context
 from porter.convert.cst_util import calls_of, classes, code, contains, dotted, loads, methods, param_names, self_attr, \
@@ -45,15 +46,7 @@ class Unsupported(Exception):
 
 def _linear_calls(value: cst.BaseExpression) -> list[cst.Call]:
     """nn.Linear constructions in an __init__ value (also the branches of `a if c else None`)."""
-    out: list[cst.Call] = []
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n: cst.Call):
-            if dotted(n.func) in _LINEAR:
-                out.append(n)
-
-    value.visit(V())
-    return out
+    return [c for c in matchers.findall(value, matchers.Call()) if dotted(c.func) in _LINEAR]
 
 
 def _statements(node: cst.CSTNode) -> list[cst.BaseSmallStatement]:
@@ -86,14 +79,7 @@ def _assigns(fn: cst.FunctionDef) -> dict[str, list[cst.BaseExpression]]:
 def _origin(assigns, expr: cst.BaseExpression, seen: set[str] | None = None) -> set[str]:
     """`self.X` submodules called anywhere upstream of `expr` (through the names it reads)."""
     seen = set() if seen is None else seen
-    found: set[str] = set()
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n):
-            if self_call_attr(n):
-                found.add(self_call_attr(n))
-
-    expr.visit(V())
+    found = {a for c in matchers.findall(expr, matchers.Call()) if (a := self_call_attr(c))}
     for name in loads(expr):
         if name not in seen and name in assigns:
             seen.add(name)

@@ -23,6 +23,7 @@ buffers become frozen parameters, since the generated load_weights loads paramet
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.context import Context
 from porter.convert.cst_util import (
@@ -76,15 +77,7 @@ def _resolve(expr: cst.BaseExpression, attrs, params) -> cst.BaseExpression:
 
 
 def _calls(node: cst.CSTNode, pred) -> list[cst.Call]:
-    out: list[cst.Call] = []
-
-    class V(cst.CSTVisitor):
-        def visit_Call(self, n):
-            if pred(n):
-                out.append(n)
-
-    node.visit(V())
-    return out
+    return [c for c in matchers.findall(node, matchers.Call()) if pred(c)]
 
 
 class Experts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.convert.context import Context, Pass
-from porter.convert.cst_util import ReadNamesOnly, code, param_names, target_names
+from porter.convert.cst_util import ReadNamesOnly, param_names, target_names
 
 _FLAG = "return_dict"
 

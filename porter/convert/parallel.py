@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.context import Fusion, Pass
 from porter.convert.dense_blocks import constructs, is_linear, nested_dense_blocks
@@ -43,14 +44,7 @@ _SLICING_METHODS = {"chunk", "split", "unbind", "tensor_split"}
 
 
 def _assigns(fn: cst.CSTNode) -> list[cst.Assign]:
-    out: list[cst.Assign] = []
-
-    class V(cst.CSTVisitor):
-        def visit_Assign(self, n):
-            out.append(n)
-
-    fn.visit(V())
-    return out
+    return list(matchers.findall(fn, matchers.Assign()))
 
 
 def _linear_parts(call: cst.Call) -> tuple[cst.BaseExpression, cst.BaseExpression, str]:

@@ -9,6 +9,7 @@ that fed them.
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.context import Context, Pass
 from porter.convert.cst_util import (
@@ -345,16 +346,7 @@ class _CallSites(Pass):
 
 
 def _walk_attrs(node: cst.CSTNode) -> list[str]:
-    out = []
-
-    class V(cst.CSTVisitor):
-        def visit_Attribute(self, n):
-            a = self_attr(n)
-            if a:
-                out.append(a)
-
-    node.visit(V())
-    return out
+    return [a for n in matchers.findall(node, matchers.Attribute()) if (a := self_attr(n))]
 
 
 def _stored_names(target) -> list[str] | None:
