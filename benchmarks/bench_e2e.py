@@ -7,7 +7,8 @@ One run, one GPU, the same random-weight checkpoint for every contender:
   * porter (the converted qwen3 model file on the triton backend with CUDA graphs), HF `generate` with one
     static batch (each request's useful tokens counted, padding and overrun are HF's cost), and HF's
     continuous batching (`generate_batch` manager with per-request max_new_tokens);
-  * batch-1 decode step time vs the floor weight_bytes / measured copy bandwidth.
+  * batch-1 decode step time vs the floor weight_bytes / measured copy bandwidth;
+  * porter is also timed with asynchronous scheduling off (the same engine, one step at a time).
 
     python benchmarks/bench_e2e.py --model-file q.py [--requests 64 256] [--json out.json]
 """
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from triton_compiles import TritonCompiles
 
 QWEN3_06B = dict(
     hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -77,22 +80,28 @@ def bench_porter(ckpt: Path, model_file: str, prompts, olens, max_num_seqs: int)
               max_model_len=1024, skip_tokenizer_init=True)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in olens]
     llm.generate(prompts[:4], params[:4])  # warm-up: kernels compiled, graphs captured
-    outs, secs = timed(lambda: llm.generate(prompts, params))
+    with TritonCompiles() as compiles:
+        outs, secs = timed(lambda: llm.generate(prompts, params))
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     assert gen == sum(olens), (gen, sum(olens))
     print(f"porter, {len(prompts)} requests: {llm.runner.num_kv_blocks} KV blocks, "
-          f"{llm.scheduler.num_preemptions} preemptions, {secs:.2f} s")
-    return {"llm": llm, "seconds": secs, "tokens": gen}
+          f"{llm.scheduler.num_preemptions} preemptions, {secs:.2f} s; in the timed run: {compiles.summary()}")
+    llm.async_scheduling = False  # the same engine, one step at a time (host work not overlapped)
+    _, sync_secs = timed(lambda: llm.generate(prompts, params))
+    llm.async_scheduling = True
+    return {"llm": llm, "seconds": secs, "sync_seconds": sync_secs, "tokens": gen}
 
 
-def porter_decode_step(llm, steps: int = 256) -> float:
+def porter_decode_step(llm, steps: int = 256, async_scheduling: bool = True) -> float:
     """Seconds per batch-1 decode step: (time for 1+steps tokens - time for 1 token) / steps."""
     from porter.engine import SamplingParams
 
+    llm.async_scheduling = async_scheduling
     prompt = [[7] * 128]
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     _, t1 = timed(lambda: llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)))
     _, tn = timed(lambda: llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1 + steps, ignore_eos=True)))
+    llm.async_scheduling = True
     return (tn - t1) / steps
 
 
@@ -166,12 +175,15 @@ def main() -> None:
         for n in args.requests:
             prompts, olens = workload(n)
             ours = bench_porter(ckpt, args.model_file, prompts, olens, max_num_seqs=min(n, 256))
-            entry = {"porter_tok_s": ours["tokens"] / ours["seconds"]}
+            entry = {"porter_tok_s": ours["tokens"] / ours["seconds"],
+                     "porter_sync_tok_s": ours["tokens"] / ours["sync_seconds"]}
             if n == args.requests[0]:
                 step = porter_decode_step(ours["llm"])
+                sync_step = porter_decode_step(ours["llm"], async_scheduling=False)
                 weights = {p.data_ptr(): p.numel() * p.element_size() for p in ours["llm"].model_parameters()}
                 floor = sum(weights.values()) / bw
-                results["batch1_decode"] = {"step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor}
+                results["batch1_decode"] = {"step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor,
+                                            "sync_step_ms": sync_step * 1e3}
             del ours
             gc.collect(); torch.cuda.empty_cache()
             for name, fn, skip in (("hf_static", bench_hf_static, args.skip_hf_static),
@@ -191,10 +203,12 @@ def main() -> None:
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
     b1 = results.get("batch1_decode")
     if b1:
-        print(f"batch-1 decode step: {b1['step_ms']:.3f} ms, floor {b1['floor_ms']:.3f} ms, ratio {b1['ratio']:.2f}x")
-    print(f"{'requests':>8} {'porter tok/s':>13} {'HF static':>10} {'x':>6} {'HF CB':>10} {'x':>6}")
+        print(f"batch-1 decode step: {b1['step_ms']:.3f} ms, floor {b1['floor_ms']:.3f} ms, ratio {b1['ratio']:.2f}x "
+              f"(without async scheduling: {b1['sync_step_ms']:.3f} ms)")
+    print(f"{'requests':>8} {'porter tok/s':>13} {'(sync)':>8} {'HF static':>10} {'x':>6} {'HF CB':>10} {'x':>6}")
     for n, e in rows:
-        print(f"{n:>8} {e['porter_tok_s']:>13.0f} {e.get('hf_static_tok_s', float('nan')):>10.0f} "
+        print(f"{n:>8} {e['porter_tok_s']:>13.0f} {e['porter_sync_tok_s']:>8.0f} "
+              f"{e.get('hf_static_tok_s', float('nan')):>10.0f} "
               f"{e.get('speedup_vs_hf_static', float('nan')):>6.1f} {e.get('hf_cb_tok_s', float('nan')):>10.0f} "
               f"{e.get('speedup_vs_hf_cb', float('nan')):>6.1f}")
         for k, v in e.items():

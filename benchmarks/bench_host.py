@@ -42,6 +42,7 @@ def run(batch: int, prompt: int, steps: int, block_size: int = 16, max_model_len
         inputs.prepare(step.seq_ids, step.new_token_ids, step.num_computed, step.block_tables, step.blocks_from,
                        step.sample)
         t3 = time.perf_counter()
+        sched.launched(b)
         finished = sched.update(b, [1] * sum(step.sample))
         t4 = time.perf_counter()
         gone = [s.seq_id for s in finished]

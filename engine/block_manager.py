@@ -80,10 +80,12 @@ class BlockManager:
         return hits
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Register seq's full blocks whose K/V is now computed (call after each step)."""
-        if not self.enable_prefix_caching or seq.num_computed_tokens // self.block_size <= seq.num_hashed_blocks:
+        """Register seq's full blocks whose K/V is now computed (call after each step). Tokens still
+        in flight (not in token_ids yet) are never hashed."""
+        known = min(seq.num_computed_tokens, len(seq.token_ids))
+        if not self.enable_prefix_caching or known // self.block_size <= seq.num_hashed_blocks:
             return  # no block filled since the last call (most decode steps)
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        num_full = min(known // self.block_size, len(seq.block_table))
         if num_full <= seq.num_hashed_blocks:
             return
         hashes = self._hashes(seq, num_full)

@@ -7,8 +7,11 @@ Python lists cost more than the GPU step itself at batch 64 (profile in benchmar
   step moves O(new blocks), not O(context);
 - positions and cache slots are computed with numpy over the whole batch at once;
 - everything is written into two pinned staging buffers (int64: token ids | positions | slots |
-  sample rows; int32: query starts | seq lens | block tables), each packed by the step's padded size,
-  and reaches the device in two copies. A CUDA-graph step pads on the host (token 0 at position 0,
+  sample rows | pending-token rows; int32: query starts | seq lens | block tables), each packed by the
+  step's padded size with every segment 16-byte aligned (a Triton kernel is specialised on its pointers'
+  alignment: a varying one would compile new variants mid-run), and reaches the device in two copies.
+- a token still pending (sampled by the previous step, its value not on the host yet: asynchronous
+  scheduling) is staged as 0 and filled on the device from that step's sampled tokens. A CUDA-graph step pads on the host (token 0 at position 0,
   slot -1, seq_len 1, block 0) and packs by the graph's size, so its copies land exactly where the
   captured graph reads: a decode step is two copies and a replay.
 On CPU the staging buffers are the tensors (no copy).
@@ -22,6 +25,10 @@ import numpy as np
 import torch
 
 from porter.engine.forward_context import AttentionMetadata
+
+
+def _align(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @dataclass
@@ -40,8 +47,8 @@ class InputBatch:
         self.max_tokens, self.max_seqs = max_num_tokens, max_num_seqs
         self.device = device
         on_gpu = device.type == "cuda"
-        n64 = 4 * max_num_tokens
-        n32 = 2 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq
+        n64 = 3 * _align(max_num_tokens, 2) + 3 * _align(max_num_seqs, 2)
+        n32 = 2 * _align(max_num_seqs + 1, 4) + max_num_seqs * max_blocks_per_seq
         self.host64 = torch.zeros(n64, dtype=torch.int64, pin_memory=on_gpu)
         self.host32 = torch.zeros(n32, dtype=torch.int32, pin_memory=on_gpu)
         self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
@@ -52,6 +59,9 @@ class InputBatch:
         self.tables = np.zeros((max(8, max_num_seqs), max_blocks_per_seq), dtype=np.int32)
         self.row_of: dict[int, int] = {}
         self.free_rows: list[int] = []
+        # the last step's sampled tokens (device) and each sampling sequence's index in them
+        self.sampled: torch.Tensor | None = None
+        self.sampled_index: dict[int, int] = {}
 
     # --- block-table mirror -----------------------------------------------------------------------
 
@@ -84,6 +94,20 @@ class InputBatch:
                 self.tables[row, start:start + len(blocks)] = blocks
         return rows
 
+    def set_sampled(self, seq_ids: list[int], tokens: torch.Tensor) -> None:
+        """The step just launched samples `tokens` [len(seq_ids)] on the device, one per sequence; the
+        next step's pending tokens are read from there."""
+        self.sampled = tokens
+        self.sampled_index = {seq_id: i for i, seq_id in enumerate(seq_ids)}
+
+    def _pending_sources(self, seq_ids, tok_seq: np.ndarray, pending: np.ndarray) -> np.ndarray:
+        try:
+            return np.fromiter((self.sampled_index[seq_ids[i]] for i in tok_seq[pending]), dtype=np.int64,
+                               count=len(pending))
+        except KeyError as e:
+            raise RuntimeError(f"sequence {e.args[0]} has a pending token but did not sample in the last step: "
+                               "this is a bug") from None
+
     # --- one step ---------------------------------------------------------------------------------
 
     def prepare(self, seq_ids, new_token_ids, num_computed, block_tables, blocks_from, sample,
@@ -115,39 +139,67 @@ class InputBatch:
             self.copied.synchronize()
         n_rows = 0 if all_sample else len(sample_rows)
         a = self.np64
-        a[0:t] = np.fromiter(chain.from_iterable(new_token_ids), dtype=np.int64, count=t)
-        a[p:p + t] = positions
-        a[2 * p:2 * p + t] = slots
-        a[3 * p:3 * p + n_rows] = sample_rows[:n_rows]
+        ids = a[0:t]
+        ids[:] = np.fromiter(chain.from_iterable(new_token_ids), dtype=np.int64, count=t)
+        pending = np.flatnonzero(ids < 0)  # tokens sampled by the last step, not yet on the host
+        n_pend = len(pending)
+        if n_pend:
+            sources = self._pending_sources(seq_ids, tok_seq, pending)
+            ids[pending] = 0
+        # int64 segments: ids | positions | slots | sample rows | pending destinations | pending sources
+        o_pos = _align(p, 2)
+        o_slot = 2 * o_pos
+        o_rows = 3 * o_pos
+        o_dst = o_rows + _align(n_rows, 2)
+        o_src = o_dst + _align(n_pend, 2)
+        a[o_pos:o_pos + t] = positions
+        a[o_slot:o_slot + t] = slots
+        a[o_rows:o_rows + n_rows] = sample_rows[:n_rows]
+        if n_pend:
+            a[o_dst:o_dst + n_pend] = pending
+            a[o_src:o_src + n_pend] = sources
         if p > t:  # graph padding tokens
             a[t:p] = 0
-            a[p + t:2 * p] = 0
-            a[2 * p + t:3 * p] = -1
+            a[o_pos + t:o_pos + p] = 0
+            a[o_slot + t:o_slot + p] = -1
+        # int32 segments: query starts | seq lens | block tables
         c = self.np32
+        o_lens = _align(s + 1, 4)
+        o_bt = o_lens + _align(s, 4)
         c[0:b + 1] = cu
         c[b + 1:s + 1] = np.arange(t + 1, t + 1 + s - b)  # padding sequences: one query each
-        c[s + 1:s + 1 + b] = seq_lens
-        c[s + 1 + b:2 * s + 1] = 1
-        tables = c[2 * s + 1:2 * s + 1 + s * width].reshape(s, width)
+        c[o_lens:o_lens + b] = seq_lens
+        c[o_lens + b:o_lens + s] = 1
+        tables = c[o_bt:o_bt + s * width].reshape(s, width)
         tables[:b] = self.tables[rows, :width]
         tables[b:] = 0
-        n64, n32 = 3 * p + n_rows, 2 * s + 1 + s * width
+        n64, n32 = o_src + n_pend, o_bt + s * width
         if self.dev64 is not self.host64:
             self.dev64[:n64].copy_(self.host64[:n64], non_blocking=True)
             self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
             self.copied.record()
         d64, d32 = self.dev64, self.dev32
+        if n_pend:
+            self._fill_pending(d64[0:p], d64[o_dst:o_dst + n_pend], d64[o_src:o_src + n_pend], pending, sources)
         meta = AttentionMetadata(
             query_start_loc=d32[0:s + 1],
-            seq_lens=d32[s + 1:2 * s + 1],
-            slot_mapping=d64[2 * p:3 * p],
-            block_tables=d32[2 * s + 1:n32].view(s, width),
+            seq_lens=d32[o_lens:o_lens + s],
+            slot_mapping=d64[o_slot:o_slot + p],
+            block_tables=d32[o_bt:n32].view(s, width),
             max_query_len=1 if pad_to else int(q_lens.max()),  # a padded batch is one-token sequences
             max_seq_len=max_seq_len or (int(seq_lens.max()) if b else 0),
             query_lens_cpu=None if pad_to else q_lens.tolist(),
             seq_lens_cpu=None if pad_to else seq_lens.tolist(),
         )
-        return StepTensors(d64[0:p], d64[p:2 * p], meta, None if all_sample else d64[3 * p:n64], t)
+        return StepTensors(d64[0:p], d64[o_pos:o_pos + p], meta, None if all_sample else d64[o_rows:o_rows + n_rows], t)
+
+    def _fill_pending(self, input_ids, dst, src, pending: np.ndarray, sources: np.ndarray) -> None:
+        """input_ids[dst] = last step's sampled[src], on the device (no wait for that step)."""
+        k = len(pending)
+        if pending[-1] == k - 1 and np.array_equal(pending, sources):  # pending is increasing: it is 0..k-1
+            input_ids[:k].copy_(self.sampled[:k])  # steady decode: the same sequences in the same order
+        else:
+            input_ids.index_copy_(0, dst, self.sampled.index_select(0, src))
 
     def padded(self, size: int, max_seq_len: int) -> StepTensors:
         """A batch of `size` padding sequences (what CUDA graphs are captured on)."""

@@ -24,7 +24,7 @@ from porter.engine.config import EngineConfig
 from porter.engine.model_runner import ModelRunner, StepInput, resolve_model_class
 from porter.engine.outputs import CompletionOutput, RequestOutput
 from porter.engine.sampling_params import SamplingParams
-from porter.engine.scheduler import Scheduler
+from porter.engine.scheduler import ScheduledBatch, Scheduler
 from porter.engine.sequence import Sequence
 from porter.engine.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 from porter.engine.tp_check import check_tp_splittable
@@ -135,6 +135,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         skip_tokenizer_init: bool = False,
         trust_remote_code: bool = False,
+        async_scheduling: bool = True,
     ):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -179,6 +180,11 @@ class LLM:
         self.vocab_size = getattr(text_config, "vocab_size", None)
         self._seq_ids = itertools.count()
         self._gone: list[int] = []  # finished sequence ids the runner has not been told about yet
+        # Schedule step n+1 while step n runs (TP=1: the runner is in this process). The host's per-step
+        # work (scheduling, staging inputs, reading back tokens) then overlaps the device's instead of
+        # adding to it; a sequence that stops on EOS computes one token that is thrown away.
+        self.async_scheduling = async_scheduling and isinstance(self.runner, ModelRunner)
+        self._in_flight: tuple[ScheduledBatch, object] | None = None  # the launched step not yet read back
 
     def _admission_group(self) -> int:
         """With CUDA graphs a decode step replays a graph while any prefill runs the model eagerly, at
@@ -250,18 +256,47 @@ class LLM:
             self.scheduler.add(seq)
         return text, seq
 
+    def _busy(self) -> bool:
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
     def _step(self) -> list[Sequence]:
+        """Schedule and launch a step, then read back the step before it (asynchronous scheduling) or
+        this one (synchronous); returns the sequences that finished."""
         batch = self.scheduler.schedule()
-        step = StepInput.from_batch(batch, self._gone)
+        launched = None
         try:
-            tokens, logprobs = self.runner.execute(step)
+            if batch.seqs:
+                step = StepInput.from_batch(batch, self._gone)
+                self._gone = []
+                if self.async_scheduling:
+                    launched = (batch, self.runner.launch(step))
+                else:
+                    launched = (batch, self.runner.execute(step))
+                self.scheduler.launched(batch)
+            if self.async_scheduling:
+                ready, self._in_flight = self._in_flight, launched
+                if ready is None:
+                    return []
+                batch, pending = ready
+                tokens, logprobs = pending.result()
+            elif launched is None:
+                return []
+            else:
+                batch, (tokens, logprobs) = launched
         except BaseException:
+            self._in_flight = None
             self._gone.extend(s.seq_id for s in self.scheduler.abort_all("the model step failed"))
             raise
-        self._gone = []
         finished = self.scheduler.update(batch, tokens, logprobs)
         self._gone.extend(s.seq_id for s in finished)
         return finished
+
+    def _drain(self) -> None:
+        """Wait for a step still in flight and drop its results (its sequences were aborted)."""
+        if self._in_flight is not None:
+            _, pending = self._in_flight
+            self._in_flight = None
+            pending.result()
 
     def _output(self, text: str | None, seq: Sequence) -> RequestOutput:
         out_ids = seq.output_token_ids
@@ -284,7 +319,7 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        if self.scheduler.has_unfinished():
+        if self._busy():
             raise RuntimeError("the engine already has requests in flight")
         requests = [self._new_sequence(p, sp) for p, sp in zip(prompts, params_list)]
         bar = None
@@ -292,7 +327,7 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(requests), desc="generate")
-        while self.scheduler.has_unfinished():
+        while self._busy():
             done = self._step()
             if bar is not None:
                 bar.update(len(done))
@@ -302,7 +337,7 @@ class LLM:
 
     def generate_stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Generate for one prompt, yielding each step's new tokens and text as they come."""
-        if self.scheduler.has_unfinished():
+        if self._busy():
             raise RuntimeError("the engine already has requests in flight")
         text, seq = self._new_sequence(prompt, sampling_params or SamplingParams())
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids) if self.tokenizer is not None else None
@@ -310,7 +345,7 @@ class LLM:
         try:
             while True:
                 new = seq.token_ids[seen:]
-                seen = seq.num_tokens
+                seen = len(seq.token_ids)
                 text_delta = detok.add(new) if detok is not None and new else ""
                 if seq.is_finished:
                     yield StreamDelta(new, text_delta, True, self._output(text, seq))
@@ -321,6 +356,7 @@ class LLM:
         finally:  # the consumer stopped early: drop the request so the engine stays usable
             if not seq.is_finished:
                 self._gone.extend(s.seq_id for s in self.scheduler.abort_all("stream closed"))
+            self._drain()
 
 
 def _as_prompt_list(prompts) -> list:

@@ -19,7 +19,7 @@ from porter.engine.distributed import get_tp_rank
 from porter.engine.forward_context import AttentionMetadata, set_forward_context
 from porter.engine.input_batch import InputBatch
 from porter.engine.layers.attention import Attention
-from porter.engine.sampler import Sampler
+from porter.engine.sampler import SampledTensors, Sampler
 from porter.engine.sampling_params import SamplingParams
 from porter.engine.scheduler import ScheduledBatch
 
@@ -29,7 +29,7 @@ CPU_KV_CACHE_BYTES = 1 << 30  # default CPU cache cap (always at least one max_m
 @dataclass
 class StepInput:
     seq_ids: list[int]
-    new_token_ids: list[list[int]]  # the tokens each sequence computes this step
+    new_token_ids: list[list[int]]  # the tokens each sequence computes this step (-1: the last step's sample)
     num_computed: list[int]  # tokens already in the cache (= position of the first new token)
     # each sequence's block-table entries from index blocks_from[i] on: the runner keeps the tables and
     # a step carries what changed (blocks_from None: every list is the whole table)
@@ -50,7 +50,7 @@ class StepInput:
             s.num_synced_blocks = len(s.block_table)
         return cls(
             seq_ids=[s.seq_id for s in seqs],
-            new_token_ids=[s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] for s, n in zip(seqs, counts)],
+            new_token_ids=[_step_tokens(s, n) for s, n in zip(seqs, counts)],
             num_computed=[s.num_computed_tokens for s in seqs],
             block_tables=tables,
             sample=sample,
@@ -58,6 +58,15 @@ class StepInput:
             finished_seq_ids=list(finished_seq_ids),
             blocks_from=blocks_from,
         )
+
+
+def _step_tokens(seq, n: int) -> list[int]:
+    """The n tokens seq computes next; a token still in flight (sampled by the step before) is -1."""
+    start = seq.num_computed_tokens
+    tokens = seq.token_ids[start:start + n]
+    if len(tokens) < n:
+        tokens += [-1] * (n - len(tokens))
+    return tokens
 
 
 def resolve_model_class(hf_config, model_file: str | Path | None) -> type[nn.Module]:
@@ -202,9 +211,14 @@ class ModelRunner:
             gens.append(self.generators[seq_id])
         return gens
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> tuple[list[int], list[dict[int, float] | None]]:
         """Run one step; returns the sampled token (and logprobs entry) of each sampling sequence."""
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> "LaunchedStep":
+        """Queue one step on the device and return at once; `.result()` waits for its tokens. The next
+        step may be launched before that: its pending tokens (-1 in new_token_ids) are this step's."""
         sampling_ids = [s for s, smp in zip(step.seq_ids, step.sample) if smp]
         gens = self._generators(step, sampling_ids)
         self.inputs.release(step.finished_seq_ids)
@@ -217,9 +231,34 @@ class ModelRunner:
             with set_forward_context(x.meta):
                 hidden = self.model(x.input_ids, x.positions)
         if not sampling_ids:
-            return [], []
+            return LaunchedStep(None, [])
         hidden = hidden[: x.num_tokens] if x.sample_rows is None else hidden[x.sample_rows]
         logits = self.model.compute_logits(hidden)
         if get_tp_rank() != 0:  # every rank joins the logits gather; rank 0 alone samples
+            return LaunchedStep(None, [])
+        sampled = self.sampler.sample(logits, step.params, gens)
+        self.inputs.set_sampled(sampling_ids, sampled.tokens)
+        return LaunchedStep(sampled, step.params)
+
+
+class LaunchedStep:
+    """A step queued on the device: its sampled tokens are copied to pinned host memory as soon as the
+    device gets there, and `result()` waits for that copy only."""
+
+    def __init__(self, sampled: SampledTensors | None, params: list[SamplingParams]):
+        self.params = params
+        self.host = None
+        self.done = None
+        if sampled is not None:
+            on_gpu = sampled.tokens.device.type == "cuda"
+            self.host = sampled.to_host(non_blocking=on_gpu)
+            if on_gpu:
+                self.done = torch.cuda.Event()
+                self.done.record()
+
+    def result(self) -> tuple[list[int], list[dict[int, float] | None]]:
+        if self.host is None:
             return [], []
-        return self.sampler(logits, step.params, gens)
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.lists(self.params)

@@ -11,6 +11,13 @@ and costs many decode steps) a step that would be decode-only holds admissions u
 seats is free, or until the head of the queue has been held `max_admission_hold` steps.
 A request that could never fit (prompt not shorter than max_model_len, or more blocks than the cache
 holds) fails alone at admission, so any admitted sequence can always finish once it runs by itself.
+
+A step has two halves: `launched(batch)` once the runner has queued it (its tokens count as computed,
+each sampling sequence gets a pending token), and `update(batch, sampled)` once its tokens are on the
+host. The engine may schedule and launch the next step in between (asynchronous scheduling: the host
+plans step n+1 while the device runs step n); a sequence that then turns out to have stopped (EOS)
+drops the token it computed in the extra step. Stops by length are known at launch, so a sequence
+whose last token is in flight is not scheduled again.
 """
 from __future__ import annotations
 
@@ -109,6 +116,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.last_in_flight:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_append(seq):
                 victim = self.running.pop()  # newest; never one already scheduled (those precede i)
@@ -127,7 +137,7 @@ class Scheduler:
         hold = preempted or self._hold_admissions(counts)
         while self.waiting and not hold and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not bm.can_allocate(seq):
+            if seq.num_pending or not bm.can_allocate(seq):  # preempted with a token in flight: next step
                 break
             bm.allocate(seq)
             self.waiting.popleft()
@@ -138,9 +148,12 @@ class Scheduler:
             counts.append(n)
             budget -= n
 
-        if not seqs and self.has_unfinished():
+        if not seqs and self.has_unfinished() and not self._any_pending():
             raise RuntimeError("scheduler made no progress (no sequence could be scheduled): this is a bug")
-        return ScheduledBatch(seqs, counts)
+        return ScheduledBatch(seqs, counts)  # empty while every unfinished sequence waits on a step in flight
+
+    def _any_pending(self) -> bool:
+        return any(s.num_pending for s in self.running) or any(s.num_pending for s in self.waiting)
 
     def _hold_admissions(self, counts: list[int]) -> bool:
         """Keep a decode-only step decode-only until enough seats are free for a group of prefills."""
@@ -161,34 +174,50 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def launched(self, batch: ScheduledBatch) -> None:
+        """The runner has queued `batch`: its tokens count as computed, each sampling sequence gets a
+        pending token, and a sequence whose pending token is its last by length is not scheduled again."""
+        for seq, n, smp in zip(batch.seqs, batch.num_new_tokens, batch.sample):
+            seq.num_computed_tokens += n
+            if smp:
+                seq.append_pending()
+                if (seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len):
+                    seq.last_in_flight = True
+
     def update(self, batch: ScheduledBatch, sampled: list[int], logprobs: list[dict[int, float] | None] | None = None
                ) -> list[Sequence]:
-        """Apply a step's results: `sampled[j]` is the token of the j-th sampling sequence of the batch.
-        Returns the sequences that finished."""
+        """Apply a launched step's results: `sampled[j]` is the token of the j-th sampling sequence of
+        the batch. Returns the sequences that finished."""
         sampling = [seq for seq, smp in zip(batch.seqs, batch.sample) if smp]
         if len(sampling) != len(sampled):
             raise ValueError(f"{len(sampled)} sampled tokens for {len(sampling)} sampling sequences")
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.cache_computed_blocks(seq)
         finished = []
         for j, (seq, token) in enumerate(zip(sampling, sampled)):
-            seq.append_token(token, logprobs[j] if logprobs is not None else None)
+            if seq.is_finished:  # stopped on an earlier token while this step was in flight
+                continue
+            seq.resolve_token(token, logprobs[j] if logprobs is not None else None)
             reason = self._stop_reason(seq, token)
             if reason:
+                (self.waiting if seq.status is SequenceStatus.WAITING else self.running).remove(seq)
+                seq.drop_pending()
                 seq.finish(reason)
-                self.running.remove(seq)
-                self.block_manager.free(seq)
+                if seq.block_table:
+                    self.block_manager.free(seq)
                 finished.append(seq)
+        for seq in batch.seqs:  # every token before num_computed_tokens is known now
+            if seq.block_table and not seq.is_finished:
+                self.block_manager.cache_computed_blocks(seq)
         return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """Why seq stops at `token`, its newest known token (pending tokens after it do not count)."""
         params = seq.params
         if (not params.ignore_eos and token in self.eos_token_ids) or (
             params.stop_token_ids and token in params.stop_token_ids
         ):
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        known = len(seq.token_ids)
+        if known - seq.num_prompt_tokens >= params.max_tokens or known >= self.max_model_len:
             return "length"
         return None
 

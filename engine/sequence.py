@@ -4,6 +4,11 @@
 their K/V in the cache; the rest are computed by the next steps (one for a decode, a chunk for a
 prefill). Preemption by recompute just frees the blocks and sets `num_computed_tokens` back to 0:
 the generated tokens stay, so the re-prefill covers them too and nothing is lost.
+
+With asynchronous scheduling the next step is scheduled while this one runs, so a sequence can have
+`num_pending` tokens that are sampled on the device but not yet known on the host. They count in
+`num_tokens` (the scheduler plans with them, the model runner feeds them from the device) but are not
+in `token_ids` until `resolve_token`; `token_ids` only ever holds real tokens.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ class Sequence:
         self.seq_id = seq_id
         self.params = params
         self.token_ids: list[int] = list(prompt_token_ids)  # grows only through append_token
-        self.num_tokens = len(self.token_ids)  # len(token_ids), kept as a field: the scheduler reads it often
+        self.num_tokens = len(self.token_ids)  # len(token_ids) + num_pending: the scheduler reads it often
+        self.num_pending = 0  # sampled tokens in flight (at most two: the step being read and the next)
+        self.last_in_flight = False  # its final token (by length) is in flight: nothing left to schedule
         self.num_prompt_tokens = self.num_tokens
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
@@ -58,6 +65,22 @@ class Sequence:
         self.num_tokens += 1
         if self.logprobs is not None:
             self.logprobs.append(logprobs or {})
+
+    def append_pending(self) -> None:
+        """A token is being sampled on the device (its value comes with resolve_token)."""
+        self.num_pending += 1
+        self.num_tokens += 1
+
+    def resolve_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
+        """The oldest pending token's value arrived."""
+        self.num_pending -= 1
+        self.num_tokens -= 1
+        self.append_token(token_id, logprobs)
+
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the sequence stopped before them)."""
+        self.num_tokens -= self.num_pending
+        self.num_pending = 0
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

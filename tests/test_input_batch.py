@@ -99,3 +99,40 @@ def test_block_table_longer_than_the_model_length_is_refused():
         assert "max_blocks_per_seq 2" in str(e)
     else:
         raise AssertionError("no error")
+
+
+def test_every_staged_segment_is_16_byte_aligned():
+    """Triton specialises a kernel on whether each pointer is 16-byte aligned: a segment whose offset
+    varied with the batch size would compile new kernel variants in the middle of a run."""
+    ib = InputBatch(max_num_tokens=64, max_num_seqs=9, max_blocks_per_seq=8, block_size=BS, device=torch.device("cpu"))
+    for b in range(1, 10):
+        ids = list(range(100 + 10 * b, 100 + 10 * b + b))
+        for pad_to in (None, 9):
+            x = ib.prepare(ids, [[3]] * b, [5] * b, [[b, 1]] * b, None, [True] * (b - 1) + [b % 2 == 0], pad_to=pad_to)
+            m = x.meta
+            for t in (x.input_ids, x.positions, m.slot_mapping, m.query_start_loc, m.seq_lens, m.block_tables,
+                      x.sample_rows):
+                if t is not None:
+                    assert t.data_ptr() % 16 == 0, (b, pad_to)
+            assert x.input_ids[:b].tolist() == [3] * b and m.seq_lens[:b].tolist() == [6] * b
+            ib.release(ids)
+
+
+def test_pending_tokens_are_filled_from_the_last_steps_samples():
+    ib = make()
+    ib.prepare([1, 2], [[5, 6], [7]], [0, 0], [[0], [1]], [0, 0], [True, True])
+    ib.set_sampled([1, 2], torch.tensor([40, 41]))
+    # same sequences, same order: the steady-decode path
+    x = ib.prepare([1, 2], [[-1], [-1]], [2, 1], [[], []], [1, 1], [True, True])
+    assert x.input_ids.tolist() == [40, 41]
+    ib.set_sampled([1, 2], torch.tensor([50, 51]))
+    # reordered, mixed with a new prefill whose tokens are known
+    x = ib.prepare([3, 2, 1], [[8, 9], [-1], [-1]], [0, 2, 3], [[2], [], []], [0, 1, 1], [True, True, True])
+    assert x.input_ids.tolist() == [8, 9, 51, 50]
+    ib.set_sampled([3, 2], torch.tensor([60, 61]))
+    try:
+        ib.prepare([1], [[-1]], [4], [[]], [1], [True])  # 1 did not sample in the last step
+    except RuntimeError as e:
+        assert "pending token" in str(e)
+    else:
+        raise AssertionError("a pending token with no source must fail")

@@ -49,6 +49,7 @@ def drive(sched, seqs, record=None):
         if record is not None:
             record.append([(s.seq_id, n, batch.samples(i)) for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))])
         sampled = [next_token(s.token_ids) for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        sched.launched(batch)
         sched.update(batch, sampled)
         steps += 1
         assert steps < 10_000
@@ -82,6 +83,7 @@ def test_mixed_batch_decodes_with_new_prefill():
     a = Sequence(0, [5, 6, 7], SamplingParams(max_tokens=5))
     sched.add(a)
     batch = sched.schedule()
+    sched.launched(batch)
     sched.update(batch, [9])
     b = Sequence(1, [8, 9, 10, 11, 12], SamplingParams(max_tokens=5))
     sched.add(b)
@@ -137,12 +139,14 @@ def test_stop_conditions():
     for s in (eos, ignore, stop, length):
         sched.add(s)
     batch = sched.schedule()
+    sched.launched(batch)
     sched.update(batch, [EOS, EOS, 42, 5])
     assert eos.finish_reason == "stop" and eos.output_token_ids == [EOS]
     assert stop.finish_reason == "stop" and stop.output_token_ids == [42]
     assert not ignore.is_finished and not length.is_finished
     while sched.has_unfinished():
         batch = sched.schedule()
+        sched.launched(batch)
         sched.update(batch, [EOS if s is ignore else 5 for i, s in enumerate(batch.seqs) if batch.samples(i)])
     assert ignore.finish_reason == "length" and ignore.output_token_ids == [EOS] * 3
     assert length.finish_reason == "length" and length.num_tokens == 10  # max_model_len
