@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --model-file q.py [--batch 1] [--tokens 128]
     python benchmarks/profile_step.py --model-file q.py --requests 64   # bench_e2e's workload, by step kind
+    python benchmarks/profile_step.py --model-file q.py --requests 256 --busy   # GPU idle, async vs sync
 """
 from __future__ import annotations
 
@@ -50,6 +51,29 @@ def steps_by_kind(llm, prompts, params) -> None:
         print(f"  {kind:>15}: {n:5d} steps {secs:7.3f} s  {secs / n * 1e3:7.3f} ms/step  {toks / n:8.1f} tokens/step")
 
 
+def device_busy(llm, prompts, params) -> None:
+    """How much of the run the GPU spends in kernels: the union of kernel intervals over the span from
+    the first kernel to the last (CUDA activity only, so the host runs at nearly its normal speed)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, cur_start, cur_end = 0.0, *spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = spans[-1][1] - spans[0][0]
+    print(f"async={llm.async_scheduling}: wall {wall * 1e3:.1f} ms, device span {span / 1e3:.1f} ms, "
+          f"kernels busy {busy / 1e3:.1f} ms ({busy / span:.1%} of the span), {len(spans)} kernels")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-file", required=True)
@@ -57,6 +81,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=None, help="profile bench_e2e's workload of N requests")
     ap.add_argument("--kinds-only", action="store_true", help="with --requests: the step-kind table only")
+    ap.add_argument("--busy", action="store_true",
+                    help="only the device-busy fraction, with and without asynchronous scheduling")
     args = ap.parse_args()
     from porter.engine import LLM, SamplingParams
 
@@ -66,6 +92,16 @@ def main() -> None:
         make_checkpoint(ckpt)
         llm = LLM(model=str(ckpt), model_file=args.model_file, dtype="bfloat16", device="cuda",
                   max_num_seqs=min(seats, 256), max_model_len=1024, skip_tokenizer_init=True)
+    if args.busy:
+        prompts, olens = workload(args.requests) if args.requests else ([[7] * 128] * args.batch, None)
+        params = ([SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in olens] if olens else
+                  SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True))
+        llm.generate(prompts, params)
+        for mode in (True, False):
+            llm.async_scheduling = mode
+            llm.reset_prefix_cache()
+            device_busy(llm, prompts, params)
+        return
     if args.requests:
         prompts, olens = workload(args.requests)
         params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in olens]

@@ -96,6 +96,18 @@ class BlockManager:
                 self._cached[hashes[i]] = block.block_id
         seq.num_hashed_blocks = num_full
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no sequence is using (benchmarks: a repeated workload must not hit
+        the cache its first run filled). Returns how many blocks were dropped."""
+        dropped = 0
+        for block_id in self._free:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                del self._cached[block.hash]
+                block.hash = None
+                dropped += 1
+        return dropped
+
     # --- allocation ---------------------------------------------------------------------------
 
     def _take_free_block(self) -> int:

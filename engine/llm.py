@@ -227,6 +227,10 @@ class LLM:
         parallel, so its bandwidth floor is max(weight_bytes_per_rank()) / bandwidth."""
         return sum(self.weight_bytes_per_rank())
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's blocks that no request is using; returns how many."""
+        return self.block_manager.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers now (they also stop when the LLM is garbage-collected)."""
         stop = getattr(self.runner, "shutdown", None)

@@ -184,3 +184,19 @@ def test_can_allocate_counts_shared_hits_as_free():
 def test_bad_sizes_raise():
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def test_reset_prefix_cache_drops_only_unused_cached_blocks():
+    bm = BlockManager(16, BS)
+    a, b = seq(list(range(10)), 0), seq(list(range(100, 110)), 1)
+    for s in (a, b):
+        bm.allocate(s)
+        run_prefill(bm, s)
+    bm.free(a)  # a's two full blocks stay cached while free; b's are in use
+    assert bm.reset_prefix_cache() == 2
+    again = seq(list(range(10)), 2)
+    bm.allocate(again)
+    assert again.num_cached_tokens == 0  # a's prefix is gone
+    twin = seq(list(range(100, 110)), 3)
+    bm.allocate(twin)
+    assert twin.num_cached_tokens == 8  # b's blocks, in use, were kept
