@@ -116,6 +116,25 @@ def test_refuses_a_bare_batch_transpose():
     assert any("batch-first transpose" in r.why for r in ctx.report.refusals)
 
 
+@pytest.mark.parametrize("change", [
+    # one path leaves query_states a transposed tensor: the later transpose would be a second one
+    ("        if self.use_qk_norm:\n            query_states = self.q_norm(query_states)\n",
+     "        if self.use_qk_norm:\n            query_states = self.q_norm(query_states)\n"
+     "        else:\n            query_states = query_states.transpose(1, 2)\n"),
+    # not a head view: the projection's output before .view()
+    ("        query_states = self.q_proj(hidden_states).view(hidden_shape)\n",
+     "        query_states = self.q_proj(hidden_states)\n"),
+    # reassigned in a loop: not trusted
+    ("        if self.use_qk_norm:\n",
+     "        for _ in range(2):\n            query_states = self.q_norm(query_states)\n        if self.use_qk_norm:\n"),
+], ids=["transposed-on-one-path", "no-head-view", "loop"])
+def test_refuses_a_late_transpose_unless_every_reaching_definition_is_a_head_view(change):
+    src = (GOLDEN / "flatten_late_transpose.before.py").read_text()
+    assert change[0] in src
+    _, ctx = run_golden(src.replace(change[0], change[1]))
+    assert [r.construct for r in ctx.report.refusals] == ["`query_states.transpose(1, 2)`"]
+
+
 def test_relative_import_outside_transformers_is_refused_when_used_in_code():
     module = cst.parse_module("from .configuration_foo import FooConfig\n\nDEFAULT = FooConfig()\n")
     ctx = Context("x.py", Report("x.py"), SourceLines(module), package=None)
@@ -147,3 +166,32 @@ def test_dataflow_is_checked_against_the_config_tp_plan(tmp_path):
         assert bool(ctx.report.refusals) == refused
         if refused:
             assert "base_model_tp_plan says colwise" in ctx.report.refusals[0].why
+
+
+def test_replicated_attention_takes_the_classs_own_head_count():
+    """A class built with its own head count (per-layer heads) must not get the config's."""
+    src = '''# golden: passes=ParallelLinears attention=FooAttention
+class FooAttention(nn.Module):
+    def __init__(self, config, layer_idx, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+
+    def forward(self, hidden_states):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        v = self.v_proj(hidden_states).view(hidden_shape)
+        out = attention_interface(self, q, k, v)
+        out = out.reshape(*input_shape, -1) * self.g_proj(hidden_states).sum()  # whole data: replicated
+        return self.o_proj(out)
+'''
+    code, ctx = run_golden(src)
+    assert "self.q_proj = ReplicatedLinear(" in code and not ctx.report.refusals
+    assert ctx.attn_heads["FooAttention"] == ("self.num_heads", "config.num_key_value_heads", "self.head_dim")

@@ -14,9 +14,9 @@ transformers' loader is never called at run time.
 from __future__ import annotations
 
 import ast
-import functools
 from dataclasses import dataclass
-from pathlib import Path
+
+from porter.convert.hf_conversion_mapping import conversion_entries
 
 
 @dataclass(frozen=True)
@@ -26,30 +26,11 @@ class ExpertKeys:
     down: str
 
 
-@functools.lru_cache(maxsize=1)
 def _converters() -> tuple[dict[str, list[ast.Call]], dict[str, str]]:
     """(key -> its WeightConverter calls, alias -> key) from the installed conversion_mapping.py."""
-    try:
-        import transformers
-    except ImportError:
-        return {}, {}
-    path = Path(transformers.__file__).parent / "conversion_mapping.py"
-    if not path.is_file():
-        return {}, {}
-    calls: dict[str, list[ast.Call]] = {}
-    aliases: dict[str, str] = {}
-    for node in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(node, ast.Dict):
-            continue
-        for key, value in zip(node.keys, node.values):
-            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
-                continue
-            if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                aliases.setdefault(key.value, value.value)
-            elif isinstance(value, ast.List):
-                calls.setdefault(key.value, []).extend(
-                    c for c in value.elts if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "WeightConverter")
-    return calls, aliases
+    entries, aliases = conversion_entries()
+    calls = {k: [c for c in v if getattr(c.func, "id", "") == "WeightConverter"] for k, v in entries.items()}
+    return {k: v for k, v in calls.items() if v}, aliases
 
 
 def _strings(node: ast.AST | None) -> list[str] | None:

@@ -9,7 +9,6 @@ import ast
 import functools
 import re
 from importlib import resources
-from pathlib import Path
 
 import jinja2
 import libcst as cst
@@ -30,6 +29,7 @@ from porter.convert.cst_util import (
     self_call_attr,
 )
 from porter.convert.expert_weights import expert_params_mapping, mapping_alias
+from porter.convert.hf_conversion_mapping import conversion_entries
 
 # checkpoint keys that are derived buffers, never parameters
 DERIVED_KEYS = [r"rotary_emb\.(inv_freq|cos_cached|sin_cached)$"]
@@ -42,25 +42,9 @@ def _template() -> jinja2.Template:
 
 @functools.lru_cache(maxsize=1)
 def _conversion_table() -> dict[str, list[tuple[str, tuple | None]]]:
-    """transformers' conversion_mapping.py, read as source (importing it would pull in torch and the
-    loading machinery): key -> [(transform class, (source, target) for a plain rename else None)]."""
-    try:
-        import transformers
-    except ImportError:
-        return {}
-    path = Path(transformers.__file__).parent / "conversion_mapping.py"
-    if not path.is_file():
-        return {}
-    table: dict[str, list] = {}
-    for node in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(node, ast.Dict):
-            continue
-        for key, value in zip(node.keys, node.values):
-            if isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(value, ast.List):
-                table.setdefault(key.value, [])
-                for call in value.elts:
-                    table[key.value].append(_transform(call))
-    return table
+    """key -> [(transform class, (source, target) for a plain rename else None)], in order."""
+    entries, _ = conversion_entries()
+    return {key: [_transform(call) for call in calls] for key, calls in entries.items()}
 
 
 def _transform(call) -> tuple[str, tuple | None]:
