@@ -80,6 +80,13 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shar
     param.data.copy_(loaded_weight)
 
 
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a checkpoint carries (persistent ones: in the state dict), by name. Some layers keep
+    constants there (transformers' xIELU activation saves its beta and eps), and they load like weights."""
+    saved = model.state_dict(keep_vars=True).keys()
+    return {name: buf for name, buf in model.named_buffers() if name in saved}
+
+
 def _refuse_pickles(ckpt_dir: Path) -> None:
     pickles = sorted(p.name for p in ckpt_dir.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
     raise CheckpointFormatError(

@@ -22,6 +22,7 @@ ENGINE_IMPORTS = {
     "VocabParallelEmbedding": "porter.engine.layers.vocab_embedding",
     "CheckpointKeyError": "porter.engine.weight_utils",
     "default_weight_loader": "porter.engine.weight_utils",
+    "persistent_buffers": "porter.engine.weight_utils",
     "Iterable": "collections.abc",
     "divide": "porter.engine.distributed",
     "get_tp_world_size": "porter.engine.distributed",
