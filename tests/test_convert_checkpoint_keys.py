@@ -31,7 +31,7 @@ def test_persistent_buffers_are_the_saved_ones():
     assert list(persistent_buffers(m)) == ["kept"] and persistent_buffers(m)["kept"] is m.kept
 
 
-@pytest.mark.parametrize("model_type", ["laguna", "apertus"])
+@pytest.mark.parametrize("model_type", ["laguna", "apertus", "minimax_m2"])  # minimax_m2: a router buffer
 def test_model_with_renamed_or_buffer_keys_matches_hf(model_type, tmp_path):
     result, out = _convert(model_type, tmp_path)
     _verify(model_type, out)
