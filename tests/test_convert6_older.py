@@ -109,6 +109,19 @@ def f(self, x):
     assert "b, s, h = x.shape" in normalise_shapes(module, ctx).code
 
 
+def test_shape_unpack_reading_only_the_last_dim_keeps_only_it():
+    module, ctx = _ctx('''
+class Router(nn.Module):
+    def forward(self, hidden_states, y):
+        _, _, hidden_dim = hidden_states.shape
+        _, _, width = y.size()
+        return hidden_states.view(-1, hidden_dim), y.view(-1, width)
+''')
+    code = normalise_shapes(module, ctx).code
+    assert "hidden_dim = hidden_states.shape[-1]" in code and "width = y.size(-1)" in code
+    assert "_, _," not in code
+
+
 def test_eager_branch_and_cross_attention_fold():
     module, ctx = _ctx('''
 class Attn(nn.Module):

@@ -1,6 +1,7 @@
 """Checkpoint keys that are not the module names: what transformers' conversion_mapping.py builds with
 statements (`mapping["laguna"] = mapping["qwen2_moe"].copy()`, `mapping["laguna"] += [...]`), and
-persistent buffers a checkpoint carries (the xIELU activation's constants). End to end per model type:
+persistent buffers a checkpoint carries (the xIELU activation's constants), and unstacked layers that
+share a member name of a stacking map. End to end per model type:
 convert, tiny random checkpoint saved by HF, porter verify's logits, greedy tokens and logprobs."""
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def test_persistent_buffers_are_the_saved_ones():
     assert list(persistent_buffers(m)) == ["kept"] and persistent_buffers(m)["kept"] is m.kept
 
 
-@pytest.mark.parametrize("model_type", ["laguna", "apertus", "minimax_m2"])  # minimax_m2: a router buffer
+# minimax_m2: a router buffer; afmoe: an attention `gate_proj` beside the MLP's stacked gate/up (the stacking
+# map must not rename it), an `attention_mask=` keyword and a router reading `_, _, d = x.shape`
+@pytest.mark.parametrize("model_type", ["laguna", "apertus", "minimax_m2", "afmoe"])
 def test_model_with_renamed_or_buffer_keys_matches_hf(model_type, tmp_path):
     result, out = _convert(model_type, tmp_path)
     _verify(model_type, out)

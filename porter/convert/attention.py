@@ -21,6 +21,7 @@ from porter.convert.specialise import callee_map
 # attention-interface keyword -> Attention constructor keyword (None: meaningless at inference)
 _KWARGS = {"scaling": "scale", "sliding_window": "sliding_window", "softcap": "logits_soft_cap",
            "s_aux": "sinks", "sinks": "sinks", "dropout": None, "position_ids": None, "is_causal": None,
+           "attention_mask": None,  # the model's causal (or sliding) mask, as when passed positionally
            "alibi_slopes": "alibi_slopes"}
 # head counts the inline-attention normaliser read off the q/k layouts (they override the parallel
 # pass's guess for a block whose linears are not sharded)

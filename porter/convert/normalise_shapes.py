@@ -163,6 +163,23 @@ class _LastDim(cst.CSTTransformer):
         return updated
 
 
+class _LastOnly(cst.CSTTransformer):
+    """`_, _, d = x.shape` -> `d = x.shape[-1]` (`x.size()` -> `x.size(-1)`)."""
+
+    def __init__(self, unpack: cst.SimpleStatementLine):
+        super().__init__()
+        self.unpack = unpack
+
+    def leave_SimpleStatementLine(self, original, updated):
+        if not original.deep_equals(self.unpack):
+            return updated
+        a = updated.body[0]
+        value = code(a.value)
+        last = value[: -len(".size()")] + ".size(-1)" if value.endswith(".size()") else value + "[-1]"
+        target = a.targets[0].with_changes(target=a.targets[0].target.elements[2].value)
+        return updated.with_changes(body=[a.with_changes(targets=[target], value=cst.parse_expression(last))])
+
+
 class _Functions(cst.CSTTransformer):
     def __init__(self, ctx: Context):
         super().__init__()
@@ -173,8 +190,13 @@ class _Functions(cst.CSTTransformer):
             got = _unpack(stmt)
             if got is None:
                 continue
-            b, s, _ = got
+            b, s, last = got
             used = loads(updated)
+            if used[b] == 0 and used[s] == 0:  # only the last dim is read: the same on flat tokens
+                updated = updated.visit(_LastOnly(stmt))
+                self.ctx.report.change("shapes", self.ctx.lines.of(stmt),
+                                       f"`{b}, {s}, {last} = ...` with only `{last}` read -> the last dim alone")
+                continue
             pairs, lone = _pair_calls(updated, b, s)
             # each name is read once per call (the unpacking itself is a store, not a read)
             if pairs + lone == 0 or used[b] != pairs + lone or used[s] != pairs or _LEAD in used:
