@@ -51,7 +51,9 @@ def test_every_per_layer_list_shrinks_with_the_layer_count():
     assert set(config.mlp_layer_types) == kinds  # every kind of layer still built
 
 
-@pytest.mark.parametrize("model_type", ["mellum", "ministral"])  # per-layer MLP kinds; head_dim None by default
+# mellum: per-layer MLP kinds; ministral: head_dim None by default; nemotron: num_key_value_heads None by default
+# (its modeling file divides by it), biogpt: an attention built from sizes, not the config
+@pytest.mark.parametrize("model_type", ["mellum", "ministral", "nemotron", "biogpt"])
 def test_verify_tiny_runs_where_the_default_config_did_not(model_type, tmp_path):
     _, engine = convert(model_type, tmp_path)
     verify_tiny(model_type, engine)

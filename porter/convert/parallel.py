@@ -517,7 +517,7 @@ class ParallelLinears(Pass):
             return
         # the class's own head count when it sets one (it may differ per layer from the config's)
         q_heads = "self.num_heads" if "num_heads" in assigned else f"{cfg}.num_attention_heads"
-        kv = f"{cfg}.num_key_value_heads" if "num_key_value_heads" in text else f"{cfg}.num_attention_heads"
+        kv = f"{cfg}.num_key_value_heads" if "num_key_value_heads" in text else q_heads  # MQA: normalise_heads
         self.ctx.attn_heads[name] = (q_heads, kv, head)
 
     def _rewrite_init(self, init: cst.FunctionDef, linears, column, fusions, sharded, prefused) -> cst.FunctionDef:

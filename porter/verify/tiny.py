@@ -103,6 +103,9 @@ def shrink_config(config: PretrainedConfig) -> PretrainedConfig:
     if kv_heads is not None and heads:
         # keep the attention kind: MHA stays MHA, MQA stays MQA, GQA becomes 2 groups of 2
         setattr(config, "num_key_value_heads", HEADS if kv_heads == heads else 1 if kv_heads == 1 else HEADS // 2)
+    elif heads and hasattr(config, "num_key_value_heads"):
+        # left None by a default that some modeling files divide by (real checkpoints set it): plain MHA
+        config.num_key_value_heads = HEADS
     if getattr(config, "sliding_window", None):
         config.sliding_window = SLIDING_WINDOW
     # per-layer lists (layer_types, mlp_layer_types, ...): every kind kept once, in order of first appearance
