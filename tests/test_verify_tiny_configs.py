@@ -52,8 +52,9 @@ def test_every_per_layer_list_shrinks_with_the_layer_count():
 
 
 # mellum: per-layer MLP kinds; ministral: head_dim None by default; nemotron: num_key_value_heads None by default
-# (its modeling file divides by it), biogpt: an attention built from sizes, not the config
-@pytest.mark.parametrize("model_type", ["mellum", "ministral", "nemotron", "biogpt"])
+# (its modeling file divides by it), dots1: expert counts None by default, biogpt: an attention built from
+# sizes, not the config
+@pytest.mark.parametrize("model_type", ["mellum", "ministral", "nemotron", "dots1", "biogpt"])
 def test_verify_tiny_runs_where_the_default_config_did_not(model_type, tmp_path):
     _, engine = convert(model_type, tmp_path)
     verify_tiny(model_type, engine)

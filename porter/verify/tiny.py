@@ -86,6 +86,12 @@ def shrink_config(config: PretrainedConfig) -> PretrainedConfig:
                 setattr(config, name, value)
             except AttributeError:  # a derived, read-only property (e.g. head_dim of some configs)
                 pass
+    if getattr(config, "moe_intermediate_size", None) and hasattr(config, "n_routed_experts") and \
+            not any(getattr(config, n, None) for n in _EXPERT_COUNTS):
+        # an MoE config whose defaults leave the expert counts None (real checkpoints set them)
+        config.n_routed_experts = 4
+        if hasattr(config, "n_shared_experts") and config.n_shared_experts is None:
+            config.n_shared_experts = 1
     if any(getattr(config, n, None) for n in _EXPERT_COUNTS):
         for name, value in (("num_experts_per_tok", 2), ("n_group", 1), ("topk_group", 1)):
             if hasattr(config, name) and getattr(config, name) is None:
