@@ -267,26 +267,15 @@ class LLM:
         """Schedule and launch a step, then read back the step before it (asynchronous scheduling) or
         this one (synchronous); returns the sequences that finished."""
         batch = self.scheduler.schedule()
-        launched = None
         try:
-            if batch.seqs:
-                step = StepInput.from_batch(batch, self._gone)
-                self._gone = []
-                if self.async_scheduling:
-                    launched = (batch, self.runner.launch(step))
-                else:
-                    launched = (batch, self.runner.execute(step))
-                self.scheduler.launched(batch)
+            launched = self._launch(batch) if batch.seqs else None
+            ready = launched
             if self.async_scheduling:
                 ready, self._in_flight = self._in_flight, launched
-                if ready is None:
-                    return []
-                batch, pending = ready
-                tokens, logprobs = pending.result()
-            elif launched is None:
+            if ready is None:
                 return []
-            else:
-                batch, (tokens, logprobs) = launched
+            batch, result = ready
+            tokens, logprobs = result.result() if self.async_scheduling else result
         except BaseException:
             self._in_flight = None
             self._gone.extend(s.seq_id for s in self.scheduler.abort_all("the model step failed"))
@@ -294,6 +283,14 @@ class LLM:
         finished = self.scheduler.update(batch, tokens, logprobs)
         self._gone.extend(s.seq_id for s in finished)
         return finished
+
+    def _launch(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, object]:
+        """Queue the batch (async: returns a LaunchedStep) or run it (sync: returns its tokens)."""
+        step = StepInput.from_batch(batch, self._gone)
+        result = self.runner.launch(step) if self.async_scheduling else self.runner.execute(step)
+        self._gone = []  # the runner has dropped their state
+        self.scheduler.launched(batch)
+        return batch, result
 
     def _drain(self) -> None:
         """Wait for a step still in flight and drop its results (its sequences were aborted)."""
