@@ -70,17 +70,17 @@ class _HeadViewNames:
         self._block(fn.body.body, {})
         return self.droppable
 
-    def _is_head(self, expr, state) -> bool:
+    def is_head(self, expr, state: dict) -> bool:
         if _head_view(expr):
             return True
         if isinstance(expr, cst.Name):
             return state.get(expr.value) == "head"
         return (isinstance(expr, cst.Call) and self_attr(expr.func) in self.norms and len(expr.args) == 1
-                and self._is_head(expr.args[0].value, state))
+                and self.is_head(expr.args[0].value, state))
 
     def _scan(self, node, state) -> None:
         for call in m.findall(node, m.Call(func=m.Attribute(attr=m.Name("transpose")))):
-            if _is_head_transpose(call) and self._is_head(call.func.value, state):
+            if _is_head_transpose(call) and self.is_head(call.func.value, state):
                 self.droppable.add(call)
 
     def _block(self, stmts, state: dict) -> dict:
@@ -110,7 +110,7 @@ class _HeadViewNames:
         for small in stmt.body:
             self._scan(small, state)
             if isinstance(small, cst.Assign):
-                head = self._is_head(small.value, state)
+                head = self.is_head(small.value, state)
                 for target in small.targets:
                     for name in m.findall(target.target, m.Name()):
                         state[name.value] = "head" if head and isinstance(target.target, cst.Name) else "other"
@@ -208,9 +208,8 @@ class FlattenForward(Pass):
         f = updated.func
         if _is_head_transpose(updated):
             inner = f.value
-            if original in getattr(self, "head_transposes", ()) or _head_view(inner) or (
-                    isinstance(inner, cst.Call) and self_attr(inner.func) in self.norms and len(inner.args) == 1
-                    and _head_view(inner.args[0].value)):
+            # a head view written inline (no name: no definitions to reach), or a name the walk cleared
+            if original in getattr(self, "head_transposes", ()) or _HeadViewNames(self.norms).is_head(inner, {}):
                 self.note(original, f"`{code(original)}` -> `{code(inner)}` (flat [T, heads, head_dim])")
                 return inner
             self.refuse(original, f"`{code(original)}`",
