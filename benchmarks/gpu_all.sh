@@ -4,14 +4,9 @@
 #   a bf16 `porter verify`, the kernel bench (skipped with --no-kernel-bench), the end-to-end bench.
 # Run from the repo root on the GPU machine; wheels/ may hold a libcst wheel for that machine's Python.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/porter-gpu-out}; mkdir -p "$OUT"
 kernel_bench=1; [ "${1:-}" = "--no-kernel-bench" ] && kernel_bench=0
-if compgen -G "wheels/*.whl" > /dev/null; then python3 -m pip install -q --no-deps wheels/*.whl 2>&1 | grep -v -i warning; fi
-# no network there: no build isolation (it would fetch setuptools)
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+source benchmarks/gpu_setup.sh
 
 stage() { echo; echo "=== $1"; }
 # plain `pytest`, not `python3 -m pytest`: the latter puts the checkout's porter/ (no engine/) first on sys.path

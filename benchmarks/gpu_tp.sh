@@ -2,17 +2,13 @@
 # Tensor parallelism on two GPUs in one device call (kind nvidia-h200-x2), from the repo root:
 #   the GPU TP test (TP=2 bf16 greedy close to TP=1), `porter verify --tp 2` in bf16 against HF,
 #   and benchmarks/bench_tp.py (TP=1 vs TP=2 throughput and batch-1 decode, Qwen3-0.6B shape).
-# Installs like gpu_all.sh: wheels/*.whl, then porter itself, editable, with no build isolation.
+# Installs with benchmarks/gpu_setup.sh.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 # NVLink multicast stays off (the machine's rule: it can take the host's shared GPUs out of service)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/porter-gpu-tp-out}; mkdir -p "$OUT"
-if compgen -G "wheels/*.whl" > /dev/null; then python3 -m pip install -q --no-deps wheels/*.whl 2>&1 | grep -v -i warning; fi
-# no network there: no build isolation (it would fetch setuptools)
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'GPUs', torch.cuda.device_count())"
+source benchmarks/gpu_setup.sh
+python3 -c "import torch, triton, transformers; print('GPUs', torch.cuda.device_count())"
 
 stage() { echo; echo "=== $1"; }
 # plain `pytest`, not `python3 -m pytest`: the latter puts the checkout's porter/ (no engine/) first on sys.path

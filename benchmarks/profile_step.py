@@ -83,8 +83,13 @@ def main() -> None:
     ap.add_argument("--kinds-only", action="store_true", help="with --requests: the step-kind table only")
     ap.add_argument("--busy", action="store_true",
                     help="only the device-busy fraction, with and without asynchronous scheduling")
+    ap.add_argument("--cublas", action="store_true", help="decode linears on cuBLAS, not porter's GEMV kernel")
     args = ap.parse_args()
     from porter.engine import LLM, SamplingParams
+    from porter.engine.layers import linear
+
+    if args.cublas:
+        linear.USE_KERNEL = False
 
     seats = args.requests or max(8, args.batch)
     with tempfile.TemporaryDirectory() as tmp:

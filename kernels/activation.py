@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import INTERPRETED, tanh
+from porter.kernels.triton_utils import INTERPRETED, let_next_start, pdl_launch, tanh, wait_for_previous
 
 _ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -16,6 +16,8 @@ def _act_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, ACT: tl.const
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
+    wait_for_previous()
+    let_next_start()
     a = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
     if ACT == 0:
@@ -37,7 +39,7 @@ def _act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     if x2.shape[0]:
         _act_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
             x2, out, x2.stride(0), out.stride(0), inter, ACT=_ACTS[act], BLOCK=block,
-            num_warps=1 if INTERPRETED else 4,
+            num_warps=1 if INTERPRETED else 4, **pdl_launch(x.device),
         )
     return out.view(x.shape[:-1] + (inter,))
 

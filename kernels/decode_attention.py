@@ -19,7 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import INTERPRETED, LOG2E, dot_precision, next_pow2, tanh
+from porter.kernels.triton_utils import (
+    INTERPRETED,
+    LOG2E,
+    dot_precision,
+    let_next_start,
+    next_pow2,
+    pdl_launch,
+    tanh,
+    wait_for_previous,
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
+    wait_for_previous()
+    let_next_start()
 
     seq_len = tl.load(seq_lens_ptr + seq)
     q_pos = seq_len - 1
@@ -156,6 +167,8 @@ def _decode_reduce_kernel(
 ):
     seq = tl.program_id(0)
     h = tl.program_id(1)
+    wait_for_previous()
+    let_next_start()
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D_PAD)
     row = (seq * NUM_Q_HEADS + h) * NUM_SPLITS
@@ -215,7 +228,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logits_soft_cap),
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, DIRECT=direct,
         CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(q.device),
     )
     if direct:
         return out
@@ -224,6 +237,6 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
         out.stride(0), out.stride(1),
         NUM_Q_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits),
         HEAD_DIM=d, D_PAD=next_pow2(d), USE_SINKS=sinks is not None,
-        num_warps=1 if INTERPRETED else 4,
+        num_warps=1 if INTERPRETED else 4, **pdl_launch(q.device),
     )
     return out

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import next_pow2
+from porter.kernels.triton_utils import let_next_start, next_pow2, pdl_launch, wait_for_previous
 
 
 @triton.jit
@@ -17,6 +17,8 @@ def _write_kv_kernel(
     BLOCK_HD: tl.constexpr,
 ):
     t = tl.program_id(0)
+    wait_for_previous()
+    let_next_start()
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding token of a CUDA-graph batch
         return
@@ -55,5 +57,5 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_HD=next_pow2(hkv * d),
+        NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=k_cache.shape[1], BLOCK_HD=next_pow2(hkv * d), **pdl_launch(k.device),
     )

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import INTERPRETED, next_pow2
+from porter.kernels.triton_utils import INTERPRETED, let_next_start, next_pow2, pdl_launch, wait_for_previous
 
 
 @triton.jit
@@ -19,6 +19,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, inner, stride_
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wait_for_previous()
+    let_next_start()
     x = tl.load(x_ptr + (row // inner) * stride_x + (row % inner) * stride_xi + cols, mask=mask, other=0.0)
     dtype = x.dtype
     xf = x.to(tl.float32)
@@ -29,7 +32,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, inner, stride_
         xf = summed.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n + eps)
     normed = (xf * rstd).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -53,7 +55,7 @@ def _launch(x, residual, weight, eps):
         _rms_norm_kernel[(rows,)](
             x2, r2, weight, out, new_res, inner, stride_outer, stride_inner, r2.stride(0), out.stride(0),
             new_res.stride(0), n, float(eps), HAS_RESIDUAL=residual is not None, BLOCK=next_pow2(n),
-            num_warps=1 if INTERPRETED else min(16, max(4, next_pow2(n) // 512)),
+            num_warps=1 if INTERPRETED else min(16, max(4, next_pow2(n) // 512)), **pdl_launch(x.device),
         )
     return out.view(x.shape[:-1] + (n,)), new_res.view(x.shape)
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import INTERPRETED, next_pow2
+from porter.kernels.triton_utils import INTERPRETED, let_next_start, next_pow2, pdl_launch, wait_for_previous
 
 
 @triton.jit
@@ -36,6 +36,8 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, stride_q, stride_k, stride_
                    K_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HALF: tl.constexpr,
                    HALF_PAD: tl.constexpr, IS_NEOX: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    wait_for_previous()
+    let_next_start()
     pos = tl.load(pos_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF_PAD)
     i_mask = i < HALF
@@ -65,5 +67,5 @@ def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         positions, q, k, cos_sin_cache, q.stride(0), k.stride(0), cos_sin_cache.stride(0),
         NUM_Q_HEADS=hq, NUM_K_HEADS=hk, Q_PAD=next_pow2(hq), K_PAD=next_pow2(hk),
         HEAD_SIZE=head_size, HALF=rot // 2, HALF_PAD=next_pow2(rot // 2), IS_NEOX=is_neox,
-        num_warps=1 if INTERPRETED else 4,
+        num_warps=1 if INTERPRETED else 4, **pdl_launch(q.device),
     )

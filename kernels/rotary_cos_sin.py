@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from porter.kernels.triton_utils import INTERPRETED, next_pow2
+from porter.kernels.triton_utils import INTERPRETED, let_next_start, next_pow2, pdl_launch, wait_for_previous
 
 
 @triton.jit
@@ -43,6 +43,8 @@ def _rotary_cos_sin_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
     i_mask = i < HALF
     p = tl.arange(0, PASS_PAD)
     p_mask = p < D - 2 * HALF
+    wait_for_previous()
+    let_next_start()
     c1 = tl.load(cos_ptr + t * scos_t + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + t * scos_t + HALF + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + t * ssin_t + i, mask=i_mask, other=0.0).to(tl.float32)[None, :]
@@ -99,6 +101,6 @@ def rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
         q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         HQ=hq, HK=hk, HQ_PAD=next_pow2(hq), HK_PAD=next_pow2(hk), D=d, HALF=rot // 2,
         HALF_PAD=next_pow2(rot // 2), PASS_PAD=next_pow2(rest), HAS_PASS=rest > 0,
-        num_warps=1 if INTERPRETED else 4,
+        num_warps=1 if INTERPRETED else 4, **pdl_launch(q.device),
     )
     return qo, ko

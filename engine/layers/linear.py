@@ -17,7 +17,27 @@ from porter.engine.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from porter.engine.layers.kernel_dispatch import kernel_module, wants_kernel
 from porter.engine.weight_utils import WeightShapeError, check_shape
+
+# see porter.engine.layers.kernel_dispatch
+USE_KERNEL: bool | None = None
+GEMV_MAX_ROWS = 4
+GEMV_WIDE = 65536  # an output this wide (an LM head) goes to cuBLAS past one row
+
+
+def _gemv_wins(rows: int, out_features: int) -> bool:
+    """Where porter's GEMV kernel beats cuBLAS on an H100 (benchmarks/bench_gemv.py): one row always;
+    up to 4 rows for layer-sized outputs (an LM head's 150k columns favour cuBLAS past one row)."""
+    return rows <= 1 or (rows <= GEMV_MAX_ROWS and out_features < GEMV_WIDE)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with decode-sized inputs (a few rows) on porter's bandwidth-bound GEMV kernel."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if _gemv_wins(rows, weight.shape[0]) and weight.stride(-1) == 1 and wants_kernel(USE_KERNEL, x, weight):
+        return kernel_module("gemv").gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def make_param(shape, dtype, name: str, loader, **attrs) -> nn.Parameter:
@@ -73,7 +93,7 @@ class ReplicatedLinear(LinearBase):
 
     def forward(self, x: torch.Tensor):
         bias = None if self.skip_bias_add else self.bias
-        return self._finish(F.linear(x, self.weight, bias), self.bias)
+        return self._finish(linear(x, self.weight, bias), self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -114,7 +134,7 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor):
         bias = None if self.skip_bias_add else self.bias
-        out = F.linear(x, self.weight, bias)
+        out = linear(x, self.weight, bias)
         if self.gather_output and self.tp_size > 1:
             out = tensor_model_parallel_all_gather(out, dim=-1)
         return self._finish(out, self.bias)
@@ -246,7 +266,7 @@ class RowParallelLinear(LinearBase):
         if not self.input_is_parallel and self.tp_size > 1:
             x = x.narrow(-1, self.tp_rank * self.input_size_per_partition, self.input_size_per_partition)
         add_bias = self.bias is not None and not self.skip_bias_add and self.tp_rank == 0
-        out = F.linear(x, self.weight, self.bias if add_bias else None)
+        out = linear(x, self.weight, self.bias if add_bias else None)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return self._finish(out, self.bias)
@@ -256,4 +276,4 @@ class RowParallelLinear(LinearBase):
 
 
 __all__ = ["ColumnParallelLinear", "LinearBase", "MergedColumnParallelLinear", "QKVParallelLinear",
-           "ReplicatedLinear", "RowParallelLinear", "WeightShapeError"]
+           "ReplicatedLinear", "RowParallelLinear", "WeightShapeError", "linear"]

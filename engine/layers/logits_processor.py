@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from porter.engine.distributed import tensor_model_parallel_all_gather
+from porter.engine.layers.linear import linear
 
 
 class LogitsProcessor(nn.Module):
@@ -19,7 +19,7 @@ class LogitsProcessor(nn.Module):
     def forward(self, lm_head: nn.Module, hidden_states: torch.Tensor,
                 embedding_bias: torch.Tensor | None = None) -> torch.Tensor:
         bias = embedding_bias if embedding_bias is not None else getattr(lm_head, "bias", None)
-        logits = F.linear(hidden_states, lm_head.weight, bias)
+        logits = linear(hidden_states, lm_head.weight, bias)
         if getattr(lm_head, "tp_size", 1) > 1:
             logits = tensor_model_parallel_all_gather(logits, dim=-1)
         logits = logits[..., : self.org_vocab_size]
