@@ -102,6 +102,22 @@ def test_refuses_attention_keywords_it_does_not_know():
     assert any(r.construct == "attention keyword `rope_fn`" for r in ctx.report.refusals)
 
 
+def test_refuses_two_attention_calls_that_both_run():
+    """Two interface calls in one block (differential attention) would write the layer's cache twice;
+    two calls in the branches of an `if` are alternatives and convert."""
+    src = (GOLDEN / "attention.before.py").read_text()
+    call = src[src.index("        attn_output, attn_weights = attention_interface("):src.index("        return self.o_proj")]
+    twice = src.replace(call, call + call.replace("attn_output, attn_weights", "attn_output2, attn_weights2"))
+    _, ctx = run_golden(twice)
+    assert [r.why for r in ctx.report.refusals] == [
+        "it calls the attention interface 2 times in one pass; the engine's paged cache holds one key/value per "
+        "layer and token"]
+    indented = "".join("    " + line if line.strip() else line for line in call.splitlines(keepends=True))
+    branches = src.replace(call, "        if self.sliding_window:\n" + indented + "        else:\n" + indented)
+    _, ctx = run_golden(branches)
+    assert not ctx.report.refusals
+
+
 def test_refuses_forward_time_attention_arguments():
     src = (GOLDEN / "attention.before.py").read_text().replace("sliding_window=self.sliding_window",
                                                                  "sliding_window=q.shape[0]")

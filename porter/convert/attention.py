@@ -96,7 +96,7 @@ class AttentionCall(Pass):
         calls: list[dict[str, str]] = []
 
         def rewrite(stmts) -> list:
-            out_body = []
+            out_body, here = [], 0
             for stmt in stmts:
                 if isinstance(stmt, cst.If):  # calls in config branches (inline attention, normalised)
                     stmt = stmt.visit(_NestedBlocks(rewrite))
@@ -113,9 +113,14 @@ class AttentionCall(Pass):
                         new = self._replace_call(stmt, small, value, one, weights_var, cfg, fwd)
                         if new is not None:
                             calls.append(one)
+                            here += 1
                             out_body.append(new)
                             continue
                 out_body.append(stmt)
+            if here > 1:  # the branches of an `if` are alternatives; the calls of one block all run
+                self.refuse(original, f"attention `{cls.name.value}`",
+                            f"it calls the attention interface {here} times in one pass; the engine's "
+                            "paged cache holds one key/value per layer and token")
             return out_body
 
         out_body = rewrite(fwd.body.body)

@@ -15,6 +15,7 @@ from porter.convert.context import Context, SourceLines
 from porter.convert.engine_activation import engine_activation
 from porter.convert.engine_norms import engine_norms
 from porter.convert.engine_residual import engine_residual
+from porter.convert.residual_stream import residual_stream
 from porter.convert.engine_rotary import engine_rotary
 from porter.convert.flatten import FlattenForward
 from porter.convert.head import DERIVED_KEYS, CausalLMHead
@@ -129,6 +130,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     step("tidy", lambda m: Tidy(ctx, skipped).run(m))
     step("engine_norms", lambda m: engine_norms(m, ctx))
     step("engine_residual", lambda m: engine_residual(m, ctx))
+    step("residual_stream", lambda m: residual_stream(m, ctx))
     step("engine_rotary", lambda m: engine_rotary(m, ctx))
     step("engine_activation", lambda m: engine_activation(m, ctx))
     step("layout", tidy_layout)
