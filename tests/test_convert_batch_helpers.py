@@ -71,3 +71,29 @@ def test_unrecognised_positions_argument_is_refused():
     assert "position_ids + 0" in src
     with pytest.raises(ConversionError, match=r"expects \[batch, seq\] positions"):
         convert_source(src, "modeling_llama.py", package="transformers.models.llama")
+
+
+# a module-level function of positions whose result is shaped for [batch, heads, seq, dim] (ministral3's
+# and beam's query scaling): a flat [tokens] tensor cannot be indexed so, and the result would not broadcast
+SCALING_HELPER = '''
+
+def query_scale(position_ids: torch.Tensor, beta: float) -> torch.Tensor:
+    scaling = 1 + beta * torch.log1p(position_ids.float())
+    return scaling{index}
+'''
+
+
+@pytest.mark.parametrize("index,refused", [("[:, None, :, None]", True), ("[..., None, None]", False)])
+def test_a_batch_first_function_of_positions_is_refused_where_called(index, refused):
+    src = classic_llama_source().replace(CLASSIC_ROTARY_FORWARD, CLASSIC_ROTARY_FORWARD.replace(
+        "        position_ids_expanded = position_ids[:, None, :].float()\n",
+        "        position_ids_expanded = position_ids[:, None, :].float() * query_scale(position_ids, 0.1)[0, 0, 0]\n"))
+    src = src.replace("\n\nclass LlamaRotaryEmbedding", SCALING_HELPER.format(index=index) + "\n\nclass LlamaRotaryEmbedding")
+    assert "query_scale(position_ids, 0.1)" in src and f"scaling{index}" in src
+    if refused:
+        with pytest.raises(ConversionError, match=r"`query_scale` indexes `scaling\[:, None, :, None\]`: it shapes its "
+                                                  r"result for batch-first"):
+            convert_source(src, "modeling_llama.py", package="transformers.models.llama")
+    else:
+        result = convert_source(src, "modeling_llama.py", package="transformers.models.llama")
+        assert "query_scale(" in result.code

@@ -32,9 +32,10 @@ def test_persistent_buffers_are_the_saved_ones():
     assert list(persistent_buffers(m)) == ["kept"] and persistent_buffers(m)["kept"] is m.kept
 
 
+# ctrl: an LM head tied to the embedding that keeps its own bias (only the tied weight's key is skipped);
 # minimax_m2: a router buffer; afmoe: an attention `gate_proj` beside the MLP's stacked gate/up (the stacking
 # map must not rename it), an `attention_mask=` keyword and a router reading `_, _, d = x.shape`
-@pytest.mark.parametrize("model_type", ["laguna", "apertus", "minimax_m2", "afmoe"])
+@pytest.mark.parametrize("model_type", ["laguna", "apertus", "ctrl", "minimax_m2", "afmoe"])
 def test_model_with_renamed_or_buffer_keys_matches_hf(model_type, tmp_path):
     result, out = _convert(model_type, tmp_path)
     _verify(model_type, out)

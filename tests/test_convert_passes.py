@@ -211,3 +211,29 @@ class FooAttention(nn.Module):
     code, ctx = run_golden(src)
     assert "self.q_proj = ReplicatedLinear(" in code and not ctx.report.refusals
     assert ctx.attn_heads["FooAttention"] == ("self.num_heads", "config.num_key_value_heads", "self.head_dim")
+
+
+def _mimo_source(v_head: str, v_bias: str) -> str:
+    from porter.convert.source import resolve_source
+
+    src = resolve_source("mimo_v2_flash")[0].read_text()
+    assert "num_key_value_heads = config.num_key_value_heads * 2 if is_swa" in src  # kv heads: a local
+    i = src.index("self.v_proj = nn.Linear(")
+    j = src.index("\n        self.o_proj", i)
+    return src[:i] + src[i:j].replace("config.v_head_dim", v_head).replace("bias=config.attention_bias", v_bias) + \
+        src[j:].replace("num_attention_heads * config.v_head_dim", f"num_attention_heads * {v_head}", 1)
+
+
+def test_unfused_attention_takes_its_head_counts_from_its_projections():
+    """q/k/v that do not fuse (v without the bias) and are built as `count * self.head_dim` from locals: the
+    engine Attention gets those counts (kv heads doubled on sliding layers), not the config's."""
+    result = convert_source(_mimo_source("self.head_dim", "bias=False"), "modeling_mimo_v2_flash.py",
+                            package="transformers.models.mimo_v2_flash")
+    attn = result.code[result.code.index("self.attn = Attention("):]
+    assert attn.startswith("self.attn = Attention(\n            num_attention_heads,\n            self.head_dim,")
+    assert "num_kv_heads=num_key_value_heads," in attn[:300]
+
+
+def test_refuses_a_value_head_size_other_than_the_key_head_size():
+    msg = refusal(_mimo_source("config.v_head_dim", "bias=False"))
+    assert "value head size `config.v_head_dim` is not its key head size `self.head_dim`" in msg

@@ -10,6 +10,7 @@ when its forward indexes a parameter as `p[:, ...]` or reads `p.shape[0]`.
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as matchers
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import classes, code, contains, dotted, init_assignments, methods, param_names, self_attr
@@ -28,6 +29,21 @@ def _reads_batch_dim(fn: cst.FunctionDef, param: str) -> bool:
         return False
 
     return contains(fn.body, is_batch_use)
+
+
+def _full_slice(element: cst.SubscriptElement) -> bool:
+    sl = element.slice
+    return isinstance(sl, cst.Slice) and sl.lower is None and sl.upper is None and sl.step is None
+
+
+def _batch_first_subscript(fn: cst.FunctionDef) -> cst.Subscript | None:
+    """In a function of positions, the first subscript that reads a tensor as [batch, seq, ...] (two or
+    more full `:` slices, e.g. `scaling[:, None, :, None]`): a flat [tokens] tensor has one dimension."""
+    if not any("position" in p for p in param_names(fn)):
+        return None
+    hits = [n for n in matchers.findall(fn.body, matchers.Subscript())
+            if sum(_full_slice(e) for e in n.slice) >= 2]
+    return hits[0] if hits else None
 
 
 def _returns_tuple(fn: cst.FunctionDef) -> bool:
@@ -50,6 +66,9 @@ class BatchOfOneHelpers(Pass):
                 if p in _POSITION_NAMES and _reads_batch_dim(forward, p):
                     self.helpers[name] = (i, p, _returns_tuple(forward))
         self._attrs: list[dict[str, str]] = []
+        # module-level functions of positions that index batch-first: their results cannot be made flat
+        self.batch_first_fns = {stmt.name.value: hit for stmt in node.body if isinstance(stmt, cst.FunctionDef)
+                                for hit in [_batch_first_subscript(stmt)] if hit is not None}
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._attrs.append({a: dotted(v.func) for a, v in init_assignments(node)
@@ -60,6 +79,12 @@ class BatchOfOneHelpers(Pass):
         return updated
 
     def leave_Call(self, original: cst.Call, updated: cst.Call):
+        hit = self.batch_first_fns.get(dotted(updated.func) or "")
+        if hit is not None:
+            self.refuse(original, f"call `{code(original)}`",
+                        f"`{dotted(updated.func)}` indexes `{code(hit)}`: it shapes its result for batch-first "
+                        "[batch, heads, seq, dim] tensors, and the engine's are [tokens, heads, dim]")
+            return updated
         if not self._attrs:
             return updated
         helper = self._attrs[-1].get(self_attr(updated.func) or "")

@@ -204,6 +204,17 @@ def _per_head_split(fwd: cst.FunctionDef, attr: str) -> int | None:
     return n if ok and loads(fwd.body)[view_var] == len(chunks) else None
 
 
+def _heads_times(out: cst.BaseExpression, head: str, head_value: cst.BaseExpression) -> tuple[str | None, str | None]:
+    """For `count * head` (either order, head as `self.head_dim` or its value): (count, None); for another
+    product: (None, the factor that is not a head count: the size it has per head); otherwise (None, None)."""
+    if not (isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply)):
+        return None, None
+    for count, per_head in ((out.left, out.right), (out.right, out.left)):
+        if code(per_head) == head or same_code(per_head, head_value):
+            return code(count), None
+    return None, code(out.right)
+
+
 def _split_heads(out: cst.BaseExpression) -> tuple[str, str] | None:
     """`heads * head_size` -> (heads, head_size) code."""
     if isinstance(out, cst.BinaryOperation) and isinstance(out.operator, cst.Multiply):
@@ -390,7 +401,7 @@ class ParallelLinears(Pass):
             p = prefused.split.attr
             self.ctx.attn_heads[name] = (f"self.{p}.num_heads", f"self.{p}.num_kv_heads", f"self.{p}.head_size")
         elif attention:
-            self._record_heads(name, cls, linears, fusions, local=per_head)
+            self._record_heads(name, cls, linears, column, fusions, local=per_head)
         new_init = self._rewrite_init(ms["__init__"], linears, column, fusions, sharded, prefused)
         if sharded:
             sizes = self._split_sizes(cls, linears, column, fusions, prefused, per_head, attention, resolve_init)
@@ -498,7 +509,7 @@ class ParallelLinears(Pass):
             return None
         return Fusion(_fused_name(column), list(column), ["q", "k", "v"])
 
-    def _record_heads(self, name, cls, linears, fusions, local: bool = False) -> None:
+    def _record_heads(self, name, cls, linears, column, fusions, local: bool = False) -> None:
         if fusions:
             f = fusions[0].fused
             self.ctx.attn_heads[name] = (f"self.{f}.num_heads", f"self.{f}.num_kv_heads", f"self.{f}.head_size")
@@ -518,6 +529,15 @@ class ParallelLinears(Pass):
         # the class's own head count when it sets one (it may differ per layer from the config's)
         q_heads = "self.num_heads" if "num_heads" in assigned else f"{cfg}.num_attention_heads"
         kv = f"{cfg}.num_key_value_heads" if "num_key_value_heads" in text else q_heads  # MQA: normalise_heads
+        if len(column) == 3:  # q, k, v built as `heads * head size`: their own counts (locals are in scope)
+            head_value = dict(init_assignments(cls))[head[len("self."):]]
+            (q_count, _), (k_count, _), (v_count, v_head) = (
+                _heads_times(_linear_parts(linears[a])[1], head, head_value) for a in column)
+            if k_count is not None and v_count is None and v_head is not None:
+                self.refuse(cls, f"attention `{name}`", f"its value head size `{v_head}` is not its key head size "
+                                                        f"`{head}`; the engine's Attention takes one head size")
+                return
+            q_heads, kv = q_count or q_heads, k_count or kv
         self.ctx.attn_heads[name] = (q_heads, kv, head)
 
     def _rewrite_init(self, init: cst.FunctionDef, linears, column, fusions, sharded, prefused) -> cst.FunctionDef:
