@@ -139,7 +139,7 @@ def test_model_that_only_fails_to_build_on_ranks_reports_build_and_the_tp1_verdi
 
 
 def test_rank_that_raises_mid_decode_stops_the_engine_and_the_report_says_so(shared, converted_llama, tmp_path):
-    final_norm = "        hidden_states = self.norm(hidden_states)\n        return hidden_states\n"
+    final_norm = "        hidden_states, _ = self.norm(hidden_states, residual)\n        return hidden_states\n"
     report = verify_planted(shared, converted_llama, final_norm,
                             "        from porter.engine.distributed import get_tp_rank\n"
                             "        from porter.engine.forward_context import get_forward_context\n"
@@ -160,4 +160,4 @@ def test_rank_that_raises_mid_decode_stops_the_engine_and_the_report_says_so(sha
 
 def final_norm_line(path: Path) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1)
-                if line.strip() == "hidden_states = self.norm(hidden_states)")
+                if line.strip() == "hidden_states, _ = self.norm(hidden_states, residual)")
