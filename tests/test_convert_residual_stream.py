@@ -23,6 +23,7 @@ class MyLayer(nn.Module):
         self.post_norm = RMSNorm(hidden, eps=1e-6)
         self.proj = nn.Linear(hidden, hidden)
         self.mlp = nn.Linear(hidden, hidden)
+        self.res = 1.0  # an attribute named like the layer's residual local: not renamed with it
 
     def forward(
         self,
@@ -32,7 +33,7 @@ class MyLayer(nn.Module):
         """One layer."""
         res = hidden_states
         hidden_states = self.input_norm(hidden_states)
-        hidden_states = self.proj(hidden_states) * scale
+        hidden_states = self.proj(hidden_states) * scale * self.res
         hidden_states, res = self.post_norm(hidden_states, res)
         hidden_states = self.mlp(hidden_states)
         hidden_states = res + hidden_states
@@ -66,7 +67,7 @@ THREADED_LAYER = '''    def forward(
             hidden_states = self.input_norm(hidden_states)
         else:
             hidden_states, residual = self.input_norm(hidden_states, residual)
-        hidden_states = self.proj(hidden_states) * scale
+        hidden_states = self.proj(hidden_states) * scale * self.res
         hidden_states, residual = self.post_norm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
@@ -115,8 +116,8 @@ def test_threaded_model_computes_bit_identical_values(dtype):
     ("        hidden_states = self.input_norm(hidden_states)\n",
      "        hidden_states = self.mlp(hidden_states)\n"),  # no norm at the start
     ("        self.input_norm = RMSNorm(hidden, eps=1e-6)", "        self.input_norm = nn.LayerNorm(hidden)"),
-    ("        hidden_states = self.proj(hidden_states) * scale\n",
-     "        residual = 3\n        hidden_states = self.proj(hidden_states) * scale\n"),  # the name is taken
+    ("        hidden_states = self.proj(hidden_states) * scale * self.res\n",
+     "        residual = 3\n        hidden_states = self.proj(hidden_states) * scale * self.res\n"),  # name taken
     # the model
     ("            h = layer(h, scale=0.5)\n", "            h = layer(h, scale=0.5)\n            h = h * 2\n"),
     ("        h = self.norm(h)\n", "        h = h * 2\n"),  # no final norm

@@ -249,6 +249,24 @@ class ReadNamesOnly:
         return original
 
 
+class RenameName(cst.CSTTransformer):
+    """Renames a variable everywhere it is read or bound; keyword-argument names and attribute names
+    (`f(old=...)`, `x.old`) are other things and stay."""
+
+    def __init__(self, old: str, new: str):
+        super().__init__()
+        self.old, self.new = old, new
+
+    def leave_Name(self, original, updated):
+        return updated.with_changes(value=self.new) if updated.value == self.old else updated
+
+    def leave_Arg(self, original, updated):
+        return updated.with_changes(keyword=original.keyword)
+
+    def leave_Attribute(self, original, updated):
+        return updated.with_changes(attr=original.attr)
+
+
 def parse_stmt(src: str) -> cst.BaseStatement:
     return cst.parse_statement(src)
 

@@ -16,7 +16,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.convert.context import Pass
-from porter.convert.cst_util import code, dotted, kwarg, loads, methods, param_names, self_attr
+from porter.convert.cst_util import RenameName, code, dotted, kwarg, loads, methods, param_names, self_attr
 from porter.convert.imports import import_origins
 
 _BASE_SIGNATURE = cst.parse_statement(
@@ -30,21 +30,6 @@ _BASE_SIGNATURE = cst.parse_statement(
     "    pass\n"
 )
 _ENGINE_INPUTS = {"input_ids", "position_ids", "inputs_embeds", "self"}
-
-
-class _Rename(cst.CSTTransformer):
-    def __init__(self, old: str, new: str):
-        super().__init__()
-        self.old, self.new = old, new
-
-    def leave_Name(self, original, updated):
-        return updated.with_changes(value=self.new) if updated.value == self.old else updated
-
-    def leave_Arg(self, original, updated):
-        return updated.with_changes(keyword=original.keyword)
-
-    def leave_Attribute(self, original, updated):
-        return updated.with_changes(attr=original.attr)
 
 
 def _head_view(node) -> bool:
@@ -180,7 +165,7 @@ class FlattenForward(Pass):
             if p not in _ENGINE_INPUTS and used[p]:
                 self.refuse(original, f"base model input `{p}`",
                             "the engine's forward(input_ids, positions, ...) has no equivalent for it")
-        body = fn.body.visit(_Rename("position_ids", "positions")).visit(_PositionsGiven())
+        body = fn.body.visit(RenameName("position_ids", "positions")).visit(_PositionsGiven())
         new = _BASE_SIGNATURE.with_changes(body=body, leading_lines=fn.leading_lines, decorators=fn.decorators)
         self.note(original, f"{self._cls[-1]}.forward({', '.join(param_names(fn)[1:])}) -> "
                             "forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None) "

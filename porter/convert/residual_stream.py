@@ -32,7 +32,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from porter.convert.context import Pass
-from porter.convert.cst_util import append_arg, dotted, init_assignments, methods, param_names, self_attr
+from porter.convert.cst_util import RenameName, append_arg, dotted, init_assignments, methods, param_names, self_attr
 from porter.convert.engine_residual import _engine_norm_names, _name, _single
 
 RESIDUAL = "residual"
@@ -143,7 +143,7 @@ def _thread_layer(fn: cst.FunctionDef, h: str, residual: str, norm: str, annotat
     ret = cst.parse_statement(f"return {h}, {RESIDUAL}\n").with_changes(leading_lines=body[-1].leading_lines)
     middle = body[2:-2]
     if residual != RESIDUAL:
-        middle = [s.visit(_Rename(residual, RESIDUAL)) for s in middle]
+        middle = [s.visit(RenameName(residual, RESIDUAL)) for s in middle]
     new_body = [*fn.body.body[:start], head, *middle, ret]
     annotation = cst.Annotation(cst.parse_expression("torch.Tensor | None")) if annotate else None
     param = cst.Param(cst.Name(RESIDUAL), annotation=annotation, default=cst.Name("None"),
@@ -165,15 +165,6 @@ def _thread_layer(fn: cst.FunctionDef, h: str, residual: str, norm: str, annotat
         returns = returns.with_changes(annotation=cst.parse_expression("tuple[torch.Tensor, torch.Tensor]")) \
             if annotate else None
     return fn.with_changes(params=params, returns=returns, body=fn.body.with_changes(body=new_body))
-
-
-class _Rename(cst.CSTTransformer):
-    def __init__(self, old: str, new: str):
-        super().__init__()
-        self.old, self.new = old, new
-
-    def leave_Name(self, original, updated):
-        return updated.with_changes(value=self.new) if updated.value == self.old else updated
 
 
 def _thread_loop(fn: cst.FunctionDef, index: int, h: str, norm: str) -> cst.FunctionDef:
