@@ -20,6 +20,7 @@ from torch import nn
 
 from porter.engine.config import get_current_engine_config
 from porter.engine.layers.kernel_dispatch import kernel_module, wants_kernel
+from porter.engine.layers.layernorm import RMSNorm
 
 _cache: dict[tuple, "RotaryEmbedding"] = {}
 
@@ -187,17 +188,37 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _fusable_norms(q_norm: nn.Module, k_norm: nn.Module, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Both are the engine's weighted RMSNorm over the head dim, whose kernel numerics the fused launch
+    reproduces (a Gemma offset norm or any other module runs on its own first)."""
+    return all(type(n) is RMSNorm and n.weight is not None and not n.unit_offset and n.hidden_size == q.shape[-1]
+               and n.weight.dtype == q_norm.weight.dtype for n in (q_norm, k_norm)) and \
+        q.dtype == k.dtype and q.stride(-1) == 1 and k.stride(-1) == 1
+
+
+def apply_rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
     """HF's rotate-half apply (`q * cos + rotate_half(q) * sin`, cos/sin unsqueezed at dim 1) over flat
     batches: q/k [T, heads, head_dim], cos/sin [T, rot_dim]; only the first rot_dim dims rotate. Returns new
-    tensors. On CUDA one Triton launch rotates q and k; on CPU it is HF's torch expression (bit-exact)."""
+    tensors. On CUDA one Triton launch rotates q and k; on CPU it is HF's torch expression (bit-exact).
+
+    q_norm / k_norm (both or neither): per-head norms applied to q and k first, exactly `q_norm(q)` and
+    `k_norm(k)`; engine RMSNorms over the head dim run inside the same launch on CUDA."""
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("apply_rotary_cos_sin: pass both q_norm and k_norm, or neither")
     if q.dim() != 3 or k.dim() != 3 or cos.dim() != 2 or sin.shape != cos.shape or \
             not q.shape[0] == k.shape[0] == cos.shape[0] or q.shape[-1] != k.shape[-1] or \
             cos.shape[-1] > q.shape[-1] or cos.shape[-1] % 2:
         raise ValueError(f"apply_rotary_cos_sin: expected q/k [T, heads, D] and cos/sin [T, R<=D, R even], got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if wants_kernel(USE_KERNEL, q, k, cos, sin):
-        return kernel_module("rotary_cos_sin").rotary_cos_sin(q, k, cos, sin)
+        if q_norm is None or _fusable_norms(q_norm, k_norm, q, k):
+            norms = None if q_norm is None else (q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps)
+            return kernel_module("rotary_cos_sin").rotary_cos_sin(q, k, cos, sin, norms)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+        if wants_kernel(USE_KERNEL, q, k, cos, sin):
+            return kernel_module("rotary_cos_sin").rotary_cos_sin(q, k, cos, sin)
     rot = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if rot == q.shape[-1]:  # HF's exact expression

@@ -15,6 +15,7 @@ from porter.convert.context import Context, SourceLines
 from porter.convert.engine_activation import engine_activation
 from porter.convert.engine_norms import engine_norms
 from porter.convert.engine_residual import engine_residual
+from porter.convert.qk_norm_rotary import qk_norm_rotary
 from porter.convert.residual_stream import residual_stream
 from porter.convert.engine_rotary import engine_rotary
 from porter.convert.flatten import FlattenForward
@@ -132,6 +133,7 @@ def convert_source(source: str, filename: str = "<source>", *, package: str | No
     step("engine_residual", lambda m: engine_residual(m, ctx))
     step("residual_stream", lambda m: residual_stream(m, ctx))
     step("engine_rotary", lambda m: engine_rotary(m, ctx))
+    step("qk_norm_rotary", lambda m: qk_norm_rotary(m, ctx))
     step("engine_activation", lambda m: engine_activation(m, ctx))
     step("layout", tidy_layout)
     step("header", lambda m: _with_header(m, ctx, filename))
