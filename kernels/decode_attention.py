@@ -1,12 +1,10 @@
 """Paged decode attention with split-KV (flash-decoding), one query token per sequence.
 
-One launch, grid (num_seqs, num_kv_heads, num_splits). A program takes all query heads of one KV head
-(GQA/MQA: the KV is read once for the whole group) over one slice of the context. With one split
-(large batches) it writes the output directly. With several, each writes its slice's normalised output
-and log-sum-exp (base 2) in fp32, then counts itself done on a per-(sequence, KV head) counter; the
-last split of the group to finish merges the slices (and the sink column, if any) and resets the
-counter for the next launch. That replaces a second, merge-only launch, which at batch 1 costs as much
-as the attention itself.
+Stage 1: grid (num_seqs, num_kv_heads, num_splits). A program takes all query heads of one KV
+head (GQA/MQA: the KV is read once for the whole group) over one slice of the context, and writes
+the slice's normalised output and its log-sum-exp (base 2) in fp32.
+Stage 2: grid (num_seqs, num_q_heads) merges the slices (and the sink column, if any).
+With one split (large batches) stage 1 writes the output itself and stage 2 is skipped.
 
 The grid depends only on the batch size and num_splits (never on the context lengths, which are
 read on the device), so the launch is CUDA-graph capturable; splits past a sequence's context
@@ -75,7 +73,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
-    part_out_ptr, part_lse_ptr, counter_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr,
     scale, soft_cap, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -83,8 +81,7 @@ def _decode_split_kernel(
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    USE_SINKS: tl.constexpr, DIRECT: tl.constexpr, SPLITS_PAD: tl.constexpr, CAST_F32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_SINKS: tl.constexpr, DIRECT: tl.constexpr, CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -159,57 +156,37 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row, lse, mask=head_mask)
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out,
                  mask=head_mask[:, None] & d_mask[None, :])
-        # every thread's slice is stored before the count (bar.sync, then a release at GPU scope)
-        tl.debug_barrier()
-        counter = counter_ptr + seq * tl.num_programs(1) + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:  # the group's last split merges
-            tl.store(counter, 0)
-            _merge_splits(part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr, seq, heads, head_mask, d, d_mask,
-                          num_splits, stride_ot, stride_oh, NUM_Q_HEADS, GROUP_PAD, D_PAD, SPLITS_PAD, HEAD_DIM,
-                          USE_SINKS)
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr, seq, heads, head_mask, d, d_mask, num_splits,
-                  stride_ot, stride_oh, NUM_Q_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, USE_SINKS: tl.constexpr):
-    """out[seq, heads] from the slices every split of this group wrote (read from L2: other SMs wrote them)."""
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, sinks_ptr, out_ptr,
+    stride_ot, stride_oh,
+    NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, USE_SINKS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    wait_for_previous()
+    let_next_start()
     sp = tl.arange(0, SPLITS_PAD)
-    base = (seq * NUM_Q_HEADS + heads) * num_splits  # part_*: [num_seqs, Hq, splits(, D)]
-    lse = tl.load(part_lse_ptr + base[:, None] + sp[None, :], mask=head_mask[:, None] & (sp < num_splits)[None, :],
-                  other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 1)
+    d = tl.arange(0, D_PAD)
+    row = (seq * NUM_Q_HEADS + h) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
     if USE_SINKS:
-        sink = tl.load(sinks_ptr + heads, mask=head_mask, other=0.0).to(tl.float32) * LOG2E
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * LOG2E
         m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)  # empty sequence (graph padding): output zeros
-    w = tl.exp2(lse - m[:, None])
-    total = tl.sum(w, 1)
+    w = tl.exp2(lse - m)
+    total = tl.sum(w, 0)
     if USE_SINKS:
         total += tl.exp2(sink - m)
-    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
-    for s in range(num_splits):
-        part = tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :],
-                       mask=head_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-        acc += part * tl.sum(tl.where(sp[None, :] == s, w, 0.0), 1)[:, None]
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=head_mask[:, None] & d_mask[None, :])
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counter buffers: a captured CUDA graph may still use one
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, KV head), kept at one address across launches (graphs
-    replay it); each launch leaves them zero again."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
+    parts = tl.load(part_out_ptr + (row + sp)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(sp < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_splits,
@@ -231,17 +208,16 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
     config = config or pick_config(d)
     group = hq // hkv
     direct = num_splits == 1
-    if direct:  # never touched: the one split writes `out`
-        part_out = part_lse = counters = seq_lens
+    if direct:  # never touched: stage 1 writes `out`
+        part_out = part_lse = seq_lens
     else:
         part_out = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, b * hkv)
     dummy = seq_lens  # never read when the matching feature is off
     _decode_split_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         alibi_slopes if alibi_slopes is not None else dummy, sinks if sinks is not None else dummy,
-        part_out, part_lse, counters, out,
+        part_out, part_lse, out,
         float(scale), float(logits_soft_cap or 0.0), int(sliding_window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -251,7 +227,16 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
         HEAD_DIM=d, D_PAD=max(16, next_pow2(d)), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logits_soft_cap),
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, DIRECT=direct,
-        SPLITS_PAD=next_pow2(num_splits), CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
+        CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(q.device),
+    )
+    if direct:
+        return out
+    _decode_reduce_kernel[(b, hq)](
+        part_out, part_lse, sinks if sinks is not None else dummy, out,
+        out.stride(0), out.stride(1),
+        NUM_Q_HEADS=hq, NUM_SPLITS=num_splits, SPLITS_PAD=next_pow2(num_splits),
+        HEAD_DIM=d, D_PAD=next_pow2(d), USE_SINKS=sinks is not None,
+        num_warps=1 if INTERPRETED else 4, **pdl_launch(q.device),
     )
     return out

@@ -85,22 +85,6 @@ def test_decode_attention_matches_reference(hq, hkv, features, num_splits):
     assert _rel_err(out, ref) < 1e-4
 
 
-def test_the_last_split_merges_and_leaves_its_counter_zero():
-    """Several splits merge in the same launch (the last one of each group to finish); the per-group
-    counters end at zero, so the next launch (or graph replay) starts clean and repeats exactly."""
-    from porter.kernels import decode_attention as da
-
-    gen = torch.Generator().manual_seed(3)
-    q, kc, vc, tables, _, lens = _paged_batch([37, 20, 9], [1] * 3, 4, 2, 16, 8, torch.float32, gen)
-    first = decode_attention(q, kc, vc, tables, lens, scale=0.3, num_splits=4)
-    counters = da._COUNTERS[q.device]
-    assert counters.numel() >= 3 * 2 and not counters.any()
-    again = decode_attention(q, kc, vc, tables, lens, scale=0.3, num_splits=4)
-    assert torch.equal(first, again) and not counters.any() and da._COUNTERS[q.device] is counters
-    starts = torch.arange(4, dtype=torch.int32, device=DEVICE)
-    assert _rel_err(first, paged_attention_ref(q, kc, vc, starts, lens, tables, scale=0.3)) < 1e-4
-
-
 def test_num_splits_fill_the_gpu_but_stay_bounded():
     cfg = DecodeConfig()  # the GPU defaults: 3 programs per SM, >= 128 tokens a split, <= 32 splits
     assert choose_num_splits(16, 8, 8192, cfg, num_sms=132) == 3  # 384 programs
