@@ -91,24 +91,34 @@ class _FuseBlocks(cst.CSTTransformer):
         return updated.with_changes(body=out) if changed else updated
 
 
+def engine_norm_attrs(cls: cst.ClassDef, classes: set[str]) -> set[str]:
+    """The attributes cls's __init__ builds as one of the engine norm classes."""
+    return {attr for attr, value in init_assignments(cls) if isinstance(value, cst.Call) and dotted(value.func) in classes}
+
+
+def rewrite_norm_classes(module: cst.Module, make_visitor, min_norms: int = 1) -> cst.Module:
+    """Visit every top-level class that builds at least min_norms engine norms with
+    make_visitor(class name, its norm attributes)."""
+    classes = _engine_norm_names(module)
+    if not classes:
+        return module
+    body, changed = [], False
+    for stmt in module.body:
+        if isinstance(stmt, cst.ClassDef):
+            norms = engine_norm_attrs(stmt, classes)
+            if len(norms) >= min_norms:
+                new = stmt.visit(make_visitor(stmt.name.value, norms))
+                changed |= new is not stmt
+                stmt = new
+        body.append(stmt)
+    return module.with_changes(body=body) if changed else module
+
+
 class EngineResidual(Pass):
     name = "engine_residual"
 
     def run(self, module: cst.Module) -> cst.Module:
-        classes = _engine_norm_names(module)
-        if not classes:
-            return module
-        body, changed = [], False
-        for stmt in module.body:
-            if isinstance(stmt, cst.ClassDef):
-                norms = {attr for attr, value in init_assignments(stmt)
-                         if isinstance(value, cst.Call) and dotted(value.func) in classes}
-                if norms:
-                    new = stmt.visit(_FuseBlocks(self, stmt.name.value, norms))
-                    changed |= new is not stmt
-                    stmt = new
-            body.append(stmt)
-        return module.with_changes(body=body) if changed else module
+        return rewrite_norm_classes(module, lambda cls, norms: _FuseBlocks(self, cls, norms))
 
 
 def engine_residual(module: cst.Module, ctx) -> cst.Module:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.convert.context import Pass
-from porter.convert.cst_util import append_arg, dotted, init_assignments, loads, self_attr, target_names
-from porter.convert.engine_residual import _engine_norm_names, _name, _single
+from porter.convert.cst_util import append_arg, dotted, loads, self_attr, target_names
+from porter.convert.engine_residual import _name, _single, rewrite_norm_classes
 
 ROTARY = "apply_rotary_cos_sin"
 
@@ -95,20 +95,9 @@ class QkNormRotary(Pass):
     name = "qk_norm_rotary"
 
     def run(self, module: cst.Module) -> cst.Module:
-        classes = _engine_norm_names(module)
-        if not classes or ROTARY not in module.code:
+        if ROTARY not in module.code:
             return module
-        body, changed = [], False
-        for stmt in module.body:
-            if isinstance(stmt, cst.ClassDef):
-                norms = {attr for attr, value in init_assignments(stmt)
-                         if isinstance(value, cst.Call) and dotted(value.func) in classes}
-                if len(norms) >= 2:
-                    new = stmt.visit(_FoldNorms(self, stmt.name.value, norms))
-                    changed |= new is not stmt
-                    stmt = new
-            body.append(stmt)
-        return module.with_changes(body=body) if changed else module
+        return rewrite_norm_classes(module, lambda cls, norms: _FoldNorms(self, cls, norms), min_norms=2)
 
 
 def qk_norm_rotary(module: cst.Module, ctx) -> cst.Module:

@@ -33,7 +33,7 @@ import libcst.matchers as m
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import RenameName, append_arg, dotted, init_assignments, methods, param_names, self_attr
-from porter.convert.engine_residual import _engine_norm_names, _name, _single
+from porter.convert.engine_residual import _engine_norm_names, _name, _single, engine_norm_attrs
 
 RESIDUAL = "residual"
 
@@ -60,10 +60,6 @@ def _norm_call(stmt, h: str, norms: set[str]) -> str | None:
     return None
 
 
-def _engine_norms(cls: cst.ClassDef, classes: set[str]) -> set[str]:
-    return {attr for attr, value in init_assignments(cls) if isinstance(value, cst.Call) and dotted(value.func) in classes}
-
-
 def _layer_shape(cls: cst.ClassDef, norm_classes: set[str]):
     """(h, residual name, input norm attr) when cls.forward is a pre-norm layer of the documented shape."""
     fn = methods(cls).get("forward")
@@ -77,7 +73,7 @@ def _layer_shape(cls: cst.ClassDef, norm_classes: set[str]):
     if not first or _name(first[1]) != h:
         return None
     residual = first[0]
-    norm = _norm_call(body[1], h, _engine_norms(cls, norm_classes))
+    norm = _norm_call(body[1], h, engine_norm_attrs(cls, norm_classes))
     add = _single(body[-2])
     if norm is None or not add or add[0] != h or not isinstance(add[1], cst.BinaryOperation) or \
             not isinstance(add[1].operator, cst.Add) or {_name(add[1].left), _name(add[1].right)} != {h, residual}:
@@ -200,7 +196,7 @@ class ResidualStream(Pass):
             index, h, layers_attr, final_norm = loop
             layer_name = _layer_class_of(base, layers_attr)
             layer = by_name.get(layer_name)
-            if layer is None or final_norm not in _engine_norms(base, norm_classes) or \
+            if layer is None or final_norm not in engine_norm_attrs(base, norm_classes) or \
                     len(m.findall(module, m.Call(func=m.Name(layer_name)))) != 1:
                 continue  # the layer class is built (and so maybe called) elsewhere too
             shape = _layer_shape(layer, norm_classes)
