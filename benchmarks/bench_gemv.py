@@ -22,6 +22,7 @@ DT = torch.bfloat16
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
           "lm_head": (151936, 1024)}
 ROTATE_BYTES = 256 << 20
+LAYERS = 28
 
 
 def time_calls(fn, weights, x):
@@ -65,20 +66,21 @@ def main() -> None:
             tri = time_calls(lambda a, w: gemv(a, w), weights, x)
             line = (f"{name:>8} {n:6d} {k:5d} {m:2d} {floor:8.1f} {cub:9.1f} {100 * floor / cub:6.1f} "
                     f"{tri:9.1f} {100 * floor / tri:6.1f} {err:8.1e}")
+            per_step = 1 if name == "lm_head" else LAYERS  # calls of this linear in a batch-1 step
             if m == 1:
-                total["floor"] += floor * (28 if name != "lm_head" else 1)
-                total["cublas"] += cub * (28 if name != "lm_head" else 1)
-                total["triton"] += tri * (28 if name != "lm_head" else 1)
+                total["floor"] += floor * per_step
+                total["cublas"] += cub * per_step
+                total["triton"] += tri * per_step
             if args.sweep:
                 results = [(time_calls(lambda a, w, c=c: gemv(a, w, config=c), weights, x), c)
                            for c in sweep_configs(m)]
                 best_us, best = min(results)
                 line += f"  {tuple(best)} ({best_us:.1f}, {100 * floor / best_us:.1f})"
                 if m == 1:
-                    total["best"] += best_us * (28 if name != "lm_head" else 1)
+                    total["best"] += best_us * per_step
             print(line, flush=True)
         del weights
-    print(f"a batch-1 step's linears (28 layers + lm_head): floor {total['floor']:.0f} us, cuBLAS "
+    print(f"a batch-1 step's linears ({LAYERS} layers + lm_head): floor {total['floor']:.0f} us, cuBLAS "
           f"{total['cublas']:.0f} us, triton {total['triton']:.0f} us"
           + (f", best configs {total['best']:.0f} us" if args.sweep else "")
           + f"; default config {choose_config(1, 4096, 1024)}")

@@ -1,6 +1,6 @@
 """Small-M linear: out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for decode batches of a few rows.
 
-With M <= 8 a linear layer is a weight read: every weight byte is used M times at most, so the kernel's
+With a few rows a linear layer is a weight read: every weight byte is used M times at most, so the kernel's
 only job is to stream w at the memory bandwidth in one launch. cuBLAS's GEMV path reaches ~60% of it on
 an H100 at the sizes of a 0.6B model's layers and at times adds a split-K reduce kernel. Here each
 program owns BLOCK_N output columns for all M rows and reads its [BLOCK_N, K] slab of w exactly once,

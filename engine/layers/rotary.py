@@ -211,14 +211,14 @@ def apply_rotary_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
             cos.shape[-1] > q.shape[-1] or cos.shape[-1] % 2:
         raise ValueError(f"apply_rotary_cos_sin: expected q/k [T, heads, D] and cos/sin [T, R<=D, R even], got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    if wants_kernel(USE_KERNEL, q, k, cos, sin):
-        if q_norm is None or _fusable_norms(q_norm, k_norm, q, k):
-            norms = None if q_norm is None else (q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps)
-            return kernel_module("rotary_cos_sin").rotary_cos_sin(q, k, cos, sin, norms)
+    norms = None  # (weights, eps) the kernel applies itself
     if q_norm is not None:
-        q, k = q_norm(q), k_norm(k)
-        if wants_kernel(USE_KERNEL, q, k, cos, sin):
-            return kernel_module("rotary_cos_sin").rotary_cos_sin(q, k, cos, sin)
+        if wants_kernel(USE_KERNEL, q, k, cos, sin) and _fusable_norms(q_norm, k_norm, q, k):
+            norms = (q_norm.weight, q_norm.eps, k_norm.weight, k_norm.eps)
+        else:
+            q, k = q_norm(q), k_norm(k)
+    if wants_kernel(USE_KERNEL, q, k, cos, sin):
+        return kernel_module("rotary_cos_sin").rotary_cos_sin(q, k, cos, sin, norms)
     rot = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if rot == q.shape[-1]:  # HF's exact expression

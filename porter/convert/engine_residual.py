@@ -45,10 +45,22 @@ def _name(expr) -> str | None:
     return expr.value if isinstance(expr, cst.Name) else None
 
 
+def norm_assignment(stmt, norms: set[str]):
+    """(name, norm attr, argument) of a statement `name = self.<norm>(argument)`, one plain argument."""
+    one = _single(stmt)
+    if not one or not isinstance(one[1], cst.Call):
+        return None
+    call = one[1]
+    attr = self_attr(call.func)
+    if attr not in norms or len(call.args) != 1 or call.args[0].keyword is not None or call.args[0].star:
+        return None
+    return one[0], attr, call.args[0].value
+
+
 def _fusable(a, b, c, norms: set[str]):
     """(h, residual, norm attr) when a, b, c are `h = residual + h` (either order), `residual = h`,
     `h = self.norm(h)`."""
-    a, b, c = _single(a), _single(b), _single(c)
+    a, b, c = _single(a), _single(b), norm_assignment(c, norms)
     if not (a and b and c):
         return None
     h, total = a
@@ -57,12 +69,9 @@ def _fusable(a, b, c, norms: set[str]):
         return None
     if {_name(total.left), _name(total.right)} != {h, residual} or h == residual or _name(copied) != h:
         return None
-    if c[0] != h or not isinstance(c[1], cst.Call):
+    if c[0] != h or _name(c[2]) != h:
         return None
-    attr, args = self_attr(c[1].func), c[1].args
-    if attr not in norms or len(args) != 1 or args[0].keyword is not None or args[0].star or _name(args[0].value) != h:
-        return None
-    return h, residual, attr
+    return h, residual, c[1]
 
 
 class _FuseBlocks(cst.CSTTransformer):

@@ -18,22 +18,10 @@ from __future__ import annotations
 import libcst as cst
 
 from porter.convert.context import Pass
-from porter.convert.cst_util import append_arg, dotted, loads, self_attr, target_names
-from porter.convert.engine_residual import _name, _single, rewrite_norm_classes
+from porter.convert.cst_util import append_arg, dotted, loads, target_names
+from porter.convert.engine_residual import _name, norm_assignment, rewrite_norm_classes
 
 ROTARY = "apply_rotary_cos_sin"
-
-
-def _norm_of(stmt, norms: set[str]):
-    """(name, norm attr, argument) of `name = self.<norm>(argument)`."""
-    one = _single(stmt)
-    if not one or not isinstance(one[1], cst.Call):
-        return None
-    call = one[1]
-    attr = self_attr(call.func)
-    if attr not in norms or len(call.args) != 1 or call.args[0].keyword is not None or call.args[0].star:
-        return None
-    return one[0], attr, call.args[0].value
 
 
 def _rotary_call(stmt, q: str, k: str) -> cst.Call | None:
@@ -65,7 +53,7 @@ class _FoldNorms(cst.CSTTransformer):
     def leave_IndentedBlock(self, original, updated):
         body = list(updated.body)
         for i in range(len(body) - 2):
-            first, second = _norm_of(body[i], self.norms), _norm_of(body[i + 1], self.norms)
+            first, second = norm_assignment(body[i], self.norms), norm_assignment(body[i + 1], self.norms)
             if not first or not second or first[0] == second[0]:
                 continue
             j = next((j for j in range(i + 2, len(body)) if _rotary_call(body[j], first[0], second[0])
@@ -77,7 +65,7 @@ class _FoldNorms(cst.CSTTransformer):
                 continue
             q, k = (first, second) if _name(call.args[0].value) == first[0] else (second, first)
             for n in (i, i + 1):
-                name, _, arg = _norm_of(body[n], self.norms)
+                name, _, arg = norm_assignment(body[n], self.norms)
                 body[n] = body[n].with_changes(body=[body[n].body[0].with_changes(value=arg)])
             new_call = call
             for kw, attr in (("q_norm", q[1]), ("k_norm", k[1])):

@@ -33,7 +33,7 @@ import libcst.matchers as m
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import RenameName, append_arg, dotted, init_assignments, methods, param_names, self_attr
-from porter.convert.engine_residual import _engine_norm_names, _name, _single, engine_norm_attrs
+from porter.convert.engine_residual import _engine_norm_names, _name, _single, engine_norm_attrs, norm_assignment
 
 RESIDUAL = "residual"
 
@@ -49,15 +49,8 @@ def _body(fn: cst.FunctionDef) -> list[cst.BaseStatement]:
 
 def _norm_call(stmt, h: str, norms: set[str]) -> str | None:
     """The norm attribute of `h = self.<norm>(h)`."""
-    one = _single(stmt)
-    if not one or one[0] != h or not isinstance(one[1], cst.Call):
-        return None
-    call = one[1]
-    attr = self_attr(call.func)
-    if attr in norms and len(call.args) == 1 and call.args[0].keyword is None and not call.args[0].star \
-            and _name(call.args[0].value) == h:
-        return attr
-    return None
+    found = norm_assignment(stmt, norms)
+    return found[1] if found and found[0] == h and _name(found[2]) == h else None
 
 
 def _layer_shape(cls: cst.ClassDef, norm_classes: set[str]):
