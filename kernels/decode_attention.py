@@ -5,6 +5,9 @@ head (GQA/MQA: the KV is read once for the whole group) over one slice of the co
 the slice's normalised output and its log-sum-exp (base 2) in fp32.
 Stage 2: grid (num_seqs, num_q_heads) merges the slices (and the sink column, if any).
 With one split (large batches) stage 1 writes the output itself and stage 2 is skipped.
+Given this step's k/v (`new_kv`), stage 1 also stores them in the cache (the KV-cache write costs no
+launch of its own): the split holding the query's position writes the slot and takes that key and value
+from registers, so no program reads a slot while another writes it.
 
 The grid depends only on the batch size and num_splits (never on the context lengths, which are
 read on the device), so the launch is CUDA-graph capturable; splits past a sequence's context
@@ -73,15 +76,16 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr, sinks_ptr,
-    part_out_ptr, part_lse_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, new_k_ptr, new_v_ptr, slot_ptr,
     scale, soft_cap, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt,
+    stride_bt, stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    USE_SINKS: tl.constexpr, DIRECT: tl.constexpr, CAST_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_SINKS: tl.constexpr, DIRECT: tl.constexpr, WRITE_NEW: tl.constexpr, CAST_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -110,6 +114,17 @@ def _decode_split_kernel(
         q = q.to(tl.float32)
     if USE_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=head_mask, other=0.0)
+    if WRITE_NEW:  # this step's key/value, at q_pos, cast as the cache stores them
+        k_new = tl.load(new_k_ptr + seq * stride_nkt + kvh * stride_nkh + d, mask=d_mask,
+                        other=0.0).to(k_cache_ptr.dtype.element_ty)
+        v_new = tl.load(new_v_ptr + seq * stride_nvt + kvh * stride_nvh + d, mask=d_mask,
+                        other=0.0).to(v_cache_ptr.dtype.element_ty)
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        if (q_pos >= lo) & (q_pos < hi) & (slot >= 0):  # slot -1: a CUDA-graph padding row
+            blk = slot // BLOCK_SIZE
+            off = slot % BLOCK_SIZE
+            tl.store(k_cache_ptr + blk * stride_kb + off * stride_ks + kvh * stride_kh + d, k_new, mask=d_mask)
+            tl.store(v_cache_ptr + blk * stride_vb + off * stride_vs + kvh * stride_vh + d, v_new, mask=d_mask)
 
     if DIRECT and USE_SINKS:  # the sink is a key with logit sinks[h] and no value
         m_i = tl.load(sinks_ptr + heads, mask=head_mask, other=0.0).to(tl.float32) * LOG2E
@@ -129,6 +144,10 @@ def _decode_split_kernel(
                     + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
                     + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        if WRITE_NEW:  # the slot at q_pos may still be in flight: use the registers
+            is_new = (pos == q_pos)[:, None]
+            k = tl.where(is_new, k_new[None, :], k)
+            v = tl.where(is_new, v_new[None, :], v)
         if CAST_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -191,16 +210,25 @@ def _decode_reduce_kernel(
 
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_splits,
                      sliding_window=None, logits_soft_cap=None, alibi_slopes=None, sinks=None,
-                     out=None, config: DecodeConfig | None = None):
+                     new_kv=None, out=None, config: DecodeConfig | None = None):
     """q [B, Hq, D] (one token per sequence, the last of its context) -> out [B, Hq, D].
 
-    alibi_slopes and sinks are fp32 tensors [Hq] on q's device (or None)."""
+    alibi_slopes and sinks are fp32 tensors [Hq] on q's device (or None). new_kv = (k, v, slot_mapping),
+    k/v [B, Hkv, D]: this step's key and value, written into their slots (-1: skipped) by this launch;
+    without it the cache must already hold them."""
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
     if hq % hkv:
         raise ValueError(f"decode_attention: {hq} query heads are not a multiple of {hkv} KV heads")
     if k_cache.shape[3] != d or q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("decode_attention: head sizes differ or the head dimension is not contiguous")
+    if new_kv is not None:
+        new_k, new_v, slots = new_kv
+        if new_k.shape != (b, hkv, d) or new_v.shape != (b, hkv, d) or slots.shape[0] < b:
+            raise ValueError(f"decode_attention: new k/v {tuple(new_k.shape)}/{tuple(new_v.shape)} and "
+                             f"{slots.shape[0]} slots for {b} sequences of {hkv} KV heads of size {d}")
+        if new_k.stride(2) != 1 or new_v.stride(2) != 1:
+            raise ValueError("decode_attention: the head dimension of the new k/v must be contiguous")
     if out is None:
         out = torch.empty_like(q)
     if b == 0:
@@ -214,20 +242,21 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale, num_
         part_out = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
     dummy = seq_lens  # never read when the matching feature is off
+    new_k, new_v, slots = new_kv if new_kv is not None else (q, q, dummy)
     _decode_split_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         alibi_slopes if alibi_slopes is not None else dummy, sinks if sinks is not None else dummy,
-        part_out, part_lse, out,
+        part_out, part_lse, out, new_k, new_v, slots,
         float(scale), float(logits_soft_cap or 0.0), int(sliding_window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
         NUM_Q_HEADS=hq, GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=d, D_PAD=max(16, next_pow2(d)), BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n,
         USE_WINDOW=bool(sliding_window), USE_SOFTCAP=bool(logits_soft_cap),
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None, DIRECT=direct,
-        CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
+        WRITE_NEW=new_kv is not None, CAST_F32=INTERPRETED, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(q.device),
     )
     if direct:

@@ -85,6 +85,30 @@ def test_decode_attention_matches_reference(hq, hkv, features, num_splits):
     assert _rel_err(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("num_splits,features", [(1, {}), (3, {}), (2, dict(sliding_window=9, sinks=True))])
+def test_decode_attention_writes_the_new_kv_itself(num_splits, features):
+    """Given new_kv, the decode launch stores this step's k/v in their slots (padding slot -1 skipped) and
+    attends over them: the same cache, bit for bit, and the same output as the separate write first."""
+    gen = torch.Generator().manual_seed(6)
+    seq_lens = [37, 17, 20, 0]  # 17: the new token opens a block; 0 with slot -1: CUDA-graph padding
+    q, kc, vc, tables, _, lens = _paged_batch(seq_lens, [1] * 4, 4, 2, 16, 8, torch.float32, gen)
+    k_new = torch.randn(4, 2, 16, generator=gen).to(DEVICE)
+    v_new = torch.randn(4, 2, 16, generator=gen).to(DEVICE)
+    slots = [int(tables[i, (n - 1) // 8]) * 8 + (n - 1) % 8 if n else -1 for i, n in enumerate(seq_lens)]
+    slots = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    feats = _features(4, gen, **features)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    write_kv_cache_ref(k_new, v_new, k_ref, v_ref, slots)
+    out = decode_attention(q, kc, vc, tables, lens, scale=0.3, num_splits=num_splits,
+                           new_kv=(k_new, v_new, slots), **feats)
+    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
+    ref = decode_attention(q, k_ref, v_ref, tables, lens, scale=0.3, num_splits=num_splits, **feats)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    starts = torch.arange(5, dtype=torch.int32, device=DEVICE)
+    assert _rel_err(out[:3], paged_attention_ref(q, k_ref, v_ref, starts, lens, tables, scale=0.3,
+                                                 **feats)[:3]) < 1e-4
+
+
 def test_num_splits_fill_the_gpu_but_stay_bounded():
     cfg = DecodeConfig()  # the GPU defaults: 3 programs per SM, >= 128 tokens a split, <= 32 splits
     assert choose_num_splits(16, 8, 8192, cfg, num_sms=132) == 3  # 384 programs

@@ -86,6 +86,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
+def write_and_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, meta: AttentionMetadata, **opts) -> torch.Tensor:
+    """The step's k/v [T, Hkv, D] into the cache at meta.slot_mapping, then paged_attention(q, ...)."""
+    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention(q, k_cache, v_cache, meta, **opts)
+
+
 def attention_no_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, *,
                        scale: float, sliding_window: int | None = None, logits_soft_cap: float | None = None,
                        alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:

@@ -83,8 +83,7 @@ class Attention(nn.Module):
         opts = dict(scale=self.scale, sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
                     alibi_slopes=self.alibi_slopes, sinks=self.sinks)
         if self.k_cache is not None and meta.block_tables is not None:
-            self.backend.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-            out = self.backend.paged_attention(q, self.k_cache, self.v_cache, meta, **opts)
+            out = self.backend.write_and_attend(q, k, v, self.k_cache, self.v_cache, meta, **opts)
         else:
             out = self.backend.attention_no_cache(q, k, v, meta, **opts)
         return out.reshape(t, self.num_heads * self.head_size)
