@@ -48,17 +48,20 @@ def sweep_configs(m):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="decode batch sizes M")
+    ap.add_argument("--layers", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = ap.parse_args()
     copy_gbs = copy_bandwidth()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
     print(f"{'layer':>8} {'N':>6} {'K':>5} {'M':>2} {'floor us':>8} {'cuBLAS us':>9} {'%floor':>6} "
-          f"{'triton us':>9} {'%floor':>6} {'rel err':>8}" + ("  best config (us, %floor)" if args.sweep else ""))
+          f"{'triton us':>9} {'%floor':>6} {'rel err':>8}" + ("  best 3 configs (us, %floor)" if args.sweep else ""))
     total = {"floor": 0.0, "cublas": 0.0, "triton": 0.0, "best": 0.0}
-    for name, (n, k) in SHAPES.items():
+    for name in args.layers:
+        n, k = SHAPES[name]
         nbytes = n * k * 2
         copies = max(1, min(16, ROTATE_BYTES // nbytes))
         weights = [torch.randn(n, k, device="cuda", dtype=DT) / k ** 0.5 for _ in range(copies)]
-        for m in (1, 2, 4, 8, 16):
+        for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=DT)
             err = rel(gemv(x, weights[0]), F.linear(x, weights[0]))
             floor = nbytes / copy_gbs / 1e3
@@ -74,8 +77,9 @@ def main() -> None:
             if args.sweep:
                 results = [(time_calls(lambda a, w, c=c: gemv(a, w, config=c), weights, x), c)
                            for c in sweep_configs(m)]
-                best_us, best = min(results)
-                line += f"  {tuple(best)} ({best_us:.1f}, {100 * floor / best_us:.1f})"
+                results.sort()
+                best_us, best = results[0]
+                line += "  " + ", ".join(f"{tuple(c)} ({us:.1f}, {100 * floor / us:.1f})" for us, c in results[:3])
                 if m == 1:
                     total["best"] += best_us * per_step
             print(line, flush=True)

@@ -84,12 +84,21 @@ def main() -> None:
     ap.add_argument("--busy", action="store_true",
                     help="only the device-busy fraction, with and without asynchronous scheduling")
     ap.add_argument("--cublas", action="store_true", help="decode linears on cuBLAS, not porter's GEMV kernel")
+    ap.add_argument("--step-only", action="store_true", help="the batch-N step time only, no profiles")
+    ap.add_argument("--separate-kv-write", action="store_true",
+                    help="decode writes the KV cache in its own launch, as before the fused write")
     args = ap.parse_args()
     from porter.engine import LLM, SamplingParams
+    from porter.engine.backends import triton_backend
     from porter.engine.layers import linear
 
     if args.cublas:
         linear.USE_KERNEL = False
+    if args.separate_kv_write:
+        def write_then_attend(q, k, v, k_cache, v_cache, meta, **opts):
+            triton_backend.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+            return triton_backend.paged_attention(q, k_cache, v_cache, meta, **opts)
+        triton_backend.write_and_attend = write_then_attend
 
     seats = args.requests or max(8, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +131,10 @@ def main() -> None:
         t0 = time.perf_counter()
         llm.generate(prompts, params)
         torch.cuda.synchronize()
-        print(f"batch {args.batch}: {(time.perf_counter() - t0) / args.tokens * 1e3:.3f} ms per step (incl. prefill)")
+        print(f"batch {args.batch}: {(time.perf_counter() - t0) / args.tokens * 1e3:.3f} ms per step (incl. prefill)",
+              flush=True)
+        if args.step_only:
+            return
     prof = cProfile.Profile()
     prof.enable()
     llm.generate(prompts, params)

@@ -56,14 +56,21 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
 
 
 def choose_config(m: int, n: int, k: int) -> GemvConfig:
-    """Best single-row configs of benchmarks/bench_gemv.py --sweep on an H100 at Qwen3-0.6B's shapes:
-    the whole K (up to 2048) in one tile, 2-4 columns a program so that even N = 1024 makes 256-512
-    programs, and 2 warps (4 for an LM head's long N)."""
+    """From `benchmarks/bench_gemv.py --sweep` on an H200 at Qwen3-0.6B's shapes (1, 2 and 4 rows; the
+    sweep is flat near these, within ~0.1 us): 8 columns a program for K <= 1024 (2 warps, 4 at 4 rows),
+    4 warps and 2-4 columns over 2048-wide K tiles for longer K, and 8 columns with 2 warps for an LM
+    head's long N (82 us against 102 for the 2-column tiles the H100 sweep had picked, cuBLAS 88)."""
     if INTERPRETED:
         return GemvConfig(4, 32, 1)
-    block_n = 2 if k > 1024 or n >= 65536 else 4
-    return GemvConfig(block_n, min(next_pow2(k), 2048 if m <= 4 else 1024),
-                      4 if n >= 65536 else 2)
+    if n >= 65536:
+        cfg = GemvConfig(8, min(next_pow2(k), 1024), 2)
+    elif k <= 1024:
+        cfg = GemvConfig(8, next_pow2(k), 2 if m <= 2 else 4)
+    else:
+        cfg = GemvConfig(4 if k <= 2048 else 2, 2048, 4)
+    # past 4 rows, narrow the K tile so that the [rows, BLOCK_N, BLOCK_K] product stays <= 256 values a thread
+    cap = 256 * 32 * cfg.num_warps // (next_pow2(m) * cfg.block_n)
+    return cfg._replace(block_k=max(16, min(cfg.block_k, cap)))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

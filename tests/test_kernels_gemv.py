@@ -63,7 +63,8 @@ def test_linear_layers_take_the_gemv_for_decode_rows_only(monkeypatch):
     with torch.no_grad():
         for p in (*col.parameters(), *row.parameters()):
             p.copy_(_rand(*p.shape, seed=p.numel()))
-    for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
+    monkeypatch.setattr(linear_mod, "GEMV_SHORT_K", 32)  # col's K = 24 is short, row's K = 40 is not
+    for rows in (1, 2, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
         x = _rand(rows, 24, seed=rows)
         with torch.no_grad():
             got = row(col(x)[0])[0]
@@ -71,14 +72,15 @@ def test_linear_layers_take_the_gemv_for_decode_rows_only(monkeypatch):
             want = row(col(x)[0])[0]
             monkeypatch.setattr(linear_mod, "USE_KERNEL", True)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert calls == [1, 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS]  # the larger input stayed on F.linear
+    # short K up to 2 rows, long K up to GEMV_MAX_ROWS, then F.linear
+    assert calls == [1, 1, 2, 2, 3, GEMV_MAX_ROWS]
     monkeypatch.setattr(linear_mod, "GEMV_WIDE", 64)
     wide = ColumnParallelLinear(24, 64, bias=False)
     with torch.no_grad():
         wide.weight.copy_(_rand(64, 24, seed=9))
         wide(_rand(2, 24))
         wide(_rand(1, 24))
-    assert calls[4:] == [1]  # an LM-head-wide output takes the GEMV at one row only
+    assert calls[6:] == [1]  # an LM-head-wide output takes the GEMV at one row only
 
 
 def test_linear_falls_back_for_unsupported_inputs(monkeypatch):

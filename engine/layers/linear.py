@@ -23,19 +23,26 @@ from porter.engine.weight_utils import WeightShapeError, check_shape
 # see porter.engine.layers.kernel_dispatch
 USE_KERNEL: bool | None = None
 GEMV_MAX_ROWS = 4
+GEMV_SHORT_K = 1024  # inputs this narrow take the GEMV up to GEMV_SHORT_K_MAX_ROWS rows
+GEMV_SHORT_K_MAX_ROWS = 2
 GEMV_WIDE = 65536  # an output this wide (an LM head) goes to cuBLAS past one row
 
 
-def _gemv_wins(rows: int, out_features: int) -> bool:
-    """Where porter's GEMV kernel beats cuBLAS on an H100 (benchmarks/bench_gemv.py): one row always;
-    up to 4 rows for layer-sized outputs (an LM head's 150k columns favour cuBLAS past one row)."""
-    return rows <= 1 or (rows <= GEMV_MAX_ROWS and out_features < GEMV_WIDE)
+def _gemv_wins(rows: int, out_features: int, in_features: int) -> bool:
+    """Where porter's GEMV kernel beats cuBLAS (benchmarks/bench_gemv.py on an H200): one row always; up to
+    4 rows for layer-sized outputs with K > 1024, 2 with shorter K (at 4 rows cuBLAS ties or wins there:
+    qkv 5.7 vs 5.6 us, gate_up 6.6 vs 8.0); past one row an LM head's 150k columns favour cuBLAS."""
+    if rows <= 1:
+        return True
+    if out_features >= GEMV_WIDE:
+        return False
+    return rows <= (GEMV_MAX_ROWS if in_features > GEMV_SHORT_K else GEMV_SHORT_K_MAX_ROWS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with decode-sized inputs (a few rows) on porter's bandwidth-bound GEMV kernel."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if _gemv_wins(rows, weight.shape[0]) and weight.stride(-1) == 1 and wants_kernel(USE_KERNEL, x, weight):
+    if _gemv_wins(rows, *weight.shape) and weight.stride(-1) == 1 and wants_kernel(USE_KERNEL, x, weight):
         return kernel_module("gemv").gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
