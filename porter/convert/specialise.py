@@ -27,7 +27,7 @@ from porter.convert.cst_util import (
 )
 
 NONE_PARAMS = {
-    "attention_mask", "past_key_values", "past_key_value", "layer_past", "cache_position", "labels",
+    "attention_mask", "past_key_values", "past_key_value", "layer_past", "cache", "cache_position", "labels",
     "head_mask", "encoder_hidden_states", "encoder_attention_mask", "token_type_ids",
 }
 FALSE_PARAMS = {"use_cache", "output_attentions", "output_hidden_states"}
