@@ -9,7 +9,10 @@ from porter.engine.layers.linear import GEMV_MAX_ROWS, ColumnParallelLinear, Row
 from porter.kernels.gemv import MAX_ROWS, GemvConfig, gemv
 
 
-def _rand(*shape, seed=0, dtype=torch.float32, device="cpu"):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels run under TRITON_INTERPRET=1
+
+
+def _rand(*shape, seed=0, dtype=torch.float32, device=DEVICE):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
 
 
@@ -35,16 +38,16 @@ def test_gemv_reads_strided_rows_and_empty_input():
     x = wide[:, 8:40]  # rows 64 apart
     w = _rand(10, 32, seed=7)
     torch.testing.assert_close(gemv(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
-    assert gemv(torch.empty(0, 32), w).shape == (0, 10)
+    assert gemv(_rand(0, 32), w).shape == (0, 10)
 
 
 def test_gemv_rejects_what_it_cannot_compute():
     with pytest.raises(ValueError, match="rows"):
-        gemv(torch.zeros(MAX_ROWS + 1, 8), torch.zeros(4, 8))
+        gemv(_rand(MAX_ROWS + 1, 8), _rand(4, 8))
     with pytest.raises(ValueError, match="matching K"):
-        gemv(torch.zeros(1, 8), torch.zeros(4, 9))
+        gemv(_rand(1, 8), _rand(4, 9))
     with pytest.raises(ValueError, match="row-major"):
-        gemv(torch.zeros(1, 8), torch.zeros(8, 4).t())
+        gemv(_rand(1, 8), _rand(8, 4).t())
 
 
 def test_linear_layers_take_the_gemv_for_decode_rows_only(monkeypatch):
@@ -58,8 +61,8 @@ def test_linear_layers_take_the_gemv_for_decode_rows_only(monkeypatch):
 
     monkeypatch.setattr(k_gemv, "gemv", spy)
     monkeypatch.setattr(linear_mod, "USE_KERNEL", True)
-    col = ColumnParallelLinear(24, 40, bias=True)
-    row = RowParallelLinear(40, 24, bias=False)
+    col = ColumnParallelLinear(24, 40, bias=True).to(DEVICE)
+    row = RowParallelLinear(40, 24, bias=False).to(DEVICE)
     with torch.no_grad():
         for p in (*col.parameters(), *row.parameters()):
             p.copy_(_rand(*p.shape, seed=p.numel()))
@@ -75,7 +78,7 @@ def test_linear_layers_take_the_gemv_for_decode_rows_only(monkeypatch):
     # short K up to 2 rows, long K up to GEMV_MAX_ROWS, then F.linear
     assert calls == [1, 1, 2, 2, 3, GEMV_MAX_ROWS]
     monkeypatch.setattr(linear_mod, "GEMV_WIDE", 64)
-    wide = ColumnParallelLinear(24, 64, bias=False)
+    wide = ColumnParallelLinear(24, 64, bias=False).to(DEVICE)
     with torch.no_grad():
         wide.weight.copy_(_rand(64, 24, seed=9))
         wide(_rand(2, 24))

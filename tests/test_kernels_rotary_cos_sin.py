@@ -9,7 +9,10 @@ from porter.engine.layers.rotary import apply_rotary_cos_sin
 from porter.kernels.rotary_cos_sin import rotary_cos_sin, rotary_cos_sin_ref
 
 
-def _inputs(t, hq, hk, d, rot, dtype=torch.float32, device="cpu", scaling=1.0, seed=0):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernels run under TRITON_INTERPRET=1
+
+
+def _inputs(t, hq, hk, d, rot, dtype=torch.float32, device=DEVICE, scaling=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(t, hq, d, generator=g)
     k = torch.randn(t, hk, d, generator=g)
@@ -39,7 +42,7 @@ def test_kernel_matches_reference_and_hf(rot):
 def test_kernel_reads_strided_views_and_leaves_inputs_alone():
     g = torch.Generator().manual_seed(2)
     t, hq, hk, d = 3, 2, 1, 8
-    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(DEVICE)
     q = qkv[:, : hq * d].view(t, hq, d)  # strided rows of a fused projection
     k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
     _, _, cos, sin = _inputs(t, hq, hk, d, d)
@@ -54,7 +57,7 @@ def test_kernel_reads_strided_views_and_leaves_inputs_alone():
 def test_bad_shapes_get_a_clear_error():
     q, k, cos, sin = _inputs(3, 2, 1, 8, 8)
     with pytest.raises(ValueError, match="rotary dim 5"):
-        rotary_cos_sin(q, k, torch.zeros(3, 5), torch.zeros(3, 5))
+        rotary_cos_sin(q, k, torch.zeros(3, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE))
     with pytest.raises(ValueError, match=r"\[T, heads, D\]"):
         rotary_cos_sin(q[None], k, cos, sin)
     with pytest.raises(ValueError, match="apply_rotary_cos_sin"):
