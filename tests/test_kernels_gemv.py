@@ -50,6 +50,21 @@ def test_gemv_rejects_what_it_cannot_compute():
         gemv(_rand(1, 8), _rand(8, 4).t())
 
 
+def test_gpu_configs_keep_the_product_tile_in_registers(monkeypatch):
+    """The compiled kernel's tiles (chosen without a GPU here): at every row count the [rows, BLOCK_N,
+    BLOCK_K] fp32 product fits 256 values a thread, tiles are powers of two, and K is never tiled wider
+    than it needs."""
+    from porter.kernels import gemv as k_gemv
+
+    monkeypatch.setattr(k_gemv, "INTERPRETED", False)
+    for n, k in [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024), (1000, 333)]:
+        for m in range(1, MAX_ROWS + 1):
+            cfg = k_gemv.choose_config(m, n, k)
+            pow2 = 1 << (m - 1).bit_length()
+            assert pow2 * cfg.block_n * cfg.block_k <= 256 * 32 * cfg.num_warps, (m, n, k, cfg)
+            assert all(v & (v - 1) == 0 for v in cfg) and cfg.block_k <= max(16, 1 << (k - 1).bit_length())
+
+
 def test_linear_layers_take_the_gemv_for_decode_rows_only(monkeypatch):
     from porter.kernels import gemv as k_gemv
 
