@@ -68,6 +68,7 @@ class Roles:
     causal_lm: str | None = None
     pretrained: set[str] = field(default_factory=set)  # PreTrainedModel subclasses (plumbing)
     dropped: set[str] = field(default_factory=set)  # other heads
+    outputs: set[str] = field(default_factory=set)  # transformers' output classes, imported or subclassed here
     embedding_subclasses: set[str] = field(default_factory=set)
 
     @property

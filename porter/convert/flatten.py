@@ -131,8 +131,11 @@ class FlattenForward(Pass):
     scope = "classes"
 
     def visit_Module(self, node: cst.Module) -> None:
-        self.origins = import_origins(node)
         self._cls: list[str] = []
+        self._defined = {s.name.value for s in node.body if isinstance(s, cst.ClassDef)}
+        # imports are resolved by now; analyse found the file's own subclasses (their classes are gone)
+        self._outputs = self.ctx.roles.outputs | {n for n, origin in import_origins(node).items()
+                                                  if origin.startswith("transformers.modeling_outputs.")}
 
     def visit_ClassDef(self, node):
         self._cls.append(node.name.value)
@@ -176,8 +179,11 @@ class FlattenForward(Pass):
         value = updated.value
         if not (self._cls and self._cls[-1] == self.ctx.roles.base and isinstance(value, cst.Call)):
             return updated
-        origin = self.origins.get((dotted(value.func) or "").split(".")[0], "")
-        if not origin.startswith("transformers.modeling_outputs"):
+        name = (dotted(value.func) or "").split(".")[0]
+        if name not in self._outputs:
+            if name in self._defined:  # an object of a class of this file: the engine passes tensors only
+                self.refuse(original, f"return of `{name}(...)`", "the base model must return its hidden states "
+                                                                  "(or a transformers model output)")
             return updated
         hidden = kwarg(value, "last_hidden_state")
         hidden = hidden.value if hidden is not None else (value.args[0].value if value.args else None)
