@@ -14,7 +14,7 @@ import libcst as cst
 
 from porter.convert.context import Context
 from porter.convert.cst_util import classes, code, contains, dotted, init_assignments, methods
-from porter.convert.imports import import_origins
+from porter.convert.imports import model_output_imports
 
 _MOE = re.compile(r"\b(num_experts|num_local_experts|n_routed_experts|num_experts_per_tok|moe_intermediate_size)\b")
 _MLA = re.compile(r"\b(q_lora_rank|kv_lora_rank|kv_a_proj_with_mqa)\b")
@@ -52,11 +52,9 @@ def _has_linear(cls: cst.ClassDef) -> bool:
 
 
 def _output_classes(module: cst.Module, cls_map: dict[str, cst.ClassDef], package: str | None) -> set[str]:
-    """transformers' model-output classes: imported from transformers.modeling_outputs (relative imports are not
-    resolved yet: inside transformers `...modeling_outputs` reads `modeling_outputs`), or defined here on one
-    of them (`class FooModelOutputWithPast(BaseModelOutputWithPast): pass`); the engine returns plain tensors."""
-    homes = {"transformers.modeling_outputs"} | ({"modeling_outputs"} if (package or "").startswith("transformers") else set())
-    out = {name for name, origin in import_origins(module).items() if origin.rpartition(".")[0] in homes}
+    """transformers' model-output classes: imported, or defined here on one of them
+    (`class FooModelOutputWithPast(BaseModelOutputWithPast): pass`); the engine returns plain tensors."""
+    out = model_output_imports(module, package)
     grew = True
     while grew:
         new = {name for name, cls in cls_map.items() if name not in out and set(_base_names(cls)) & out}

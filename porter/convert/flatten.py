@@ -17,7 +17,7 @@ import libcst.matchers as m
 
 from porter.convert.context import Pass
 from porter.convert.cst_util import RenameName, code, dotted, kwarg, loads, methods, param_names, self_attr
-from porter.convert.imports import import_origins
+from porter.convert.imports import model_output_imports
 
 _BASE_SIGNATURE = cst.parse_statement(
     "def forward(\n"
@@ -134,8 +134,7 @@ class FlattenForward(Pass):
         self._cls: list[str] = []
         self._defined = {s.name.value for s in node.body if isinstance(s, cst.ClassDef)}
         # imports are resolved by now; analyse found the file's own subclasses (their classes are gone)
-        self._outputs = self.ctx.roles.outputs | {n for n, origin in import_origins(node).items()
-                                                  if origin.startswith("transformers.modeling_outputs.")}
+        self._outputs = self.ctx.roles.outputs | model_output_imports(node)
 
     def visit_ClassDef(self, node):
         self._cls.append(node.name.value)

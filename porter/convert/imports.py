@@ -118,3 +118,12 @@ def import_origins(module: cst.Module) -> dict[str, str]:
                     local = alias.asname.name.value if alias.asname else full.split(".")[0]
                     out[local] = full if alias.asname else full.split(".")[0]
     return out
+
+
+def model_output_imports(module: cst.Module, package: str | None = None) -> set[str]:
+    """Local names of transformers' model-output classes imported by the module (inside the transformers
+    package, before relative imports are resolved, `from ...modeling_outputs import X` counts too)."""
+    homes = {"transformers.modeling_outputs"}
+    if (package or "").startswith("transformers"):
+        homes.add("modeling_outputs")
+    return {name for name, origin in import_origins(module).items() if origin.rpartition(".")[0] in homes}
