@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from porter.convert import convert_file
-from porter.convert.pipeline import FORBIDDEN
+from porter.convert.pipeline import FORBIDDEN, leftover_names
 from porter.convert.source import resolve_source
 from porter.engine.config import EngineConfig, set_current_engine_config
 from porter.engine.forward_context import AttentionMetadata, set_forward_context
@@ -123,6 +123,7 @@ def test_generated_code_is_clean(case):
     tree = ast.parse(code)
     for word in FORBIDDEN:
         assert not re.search(rf"\b{word}\b", code), f"{model_type}: leftover `{word}`"
+    assert not leftover_names(code), f"{model_type}: leftover names {leftover_names(code)}"
     # no unused imports
     imported = set()
     for node in ast.walk(tree):

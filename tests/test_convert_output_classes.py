@@ -38,3 +38,10 @@ def test_a_model_output_subclass_of_the_file_is_returned_as_hidden_states():
 def test_an_object_of_another_class_of_the_file_is_refused():
     with pytest.raises(ConversionError, match=r"modeling_llama.py:\d+: cannot convert return of `LlamaOut\(...\)`"):
         _convert(_llama(_with_own_class("dict", name="LlamaOut")))
+
+
+def test_leftover_cache_names_are_caught_but_prose_is_not():
+    from porter.convert.pipeline import leftover_names
+
+    code = 'def f(x):\n    """works with a KV-cache"""  # cache\n    return Out(x, cache=None), k_cache\n'
+    assert leftover_names(code) == [("cache", 3)]

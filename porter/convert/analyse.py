@@ -136,7 +136,7 @@ def analyse(module: cst.Module, ctx: Context) -> None:
         if any(b in pretrained_roots for b in bases) or any(b.startswith("GenericFor") for b in bases):
             roles.dropped.add(name)
     roles.outputs = _output_classes(module, cls_map, ctx.package)
-    roles.dropped |= roles.outputs & set(cls_map) - keep
+    roles.dropped |= roles.outputs & (set(cls_map) - keep)
 
     # a decoder forward that builds batch-shaped tensors cannot be flattened
     for name in roles.blocks:

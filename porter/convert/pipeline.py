@@ -1,8 +1,10 @@
 """The converter: parse -> analyse -> passes -> tidy. The source is parsed, never imported or executed."""
 from __future__ import annotations
 
+import io
 import re
 import time
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,8 @@ from porter.convert.tidy import Tidy
 
 # identifiers that must not survive an inference port (a test scans the output for them too)
 FORBIDDEN = ("training", "past_key_values", "attention_mask", "labels", "output_attentions")
+# ... and as identifiers only (prose such as "KV-cache" may stay): transformers >= 5.24's name for the KV cache
+FORBIDDEN_NAMES = ("cache",)
 
 HEADER = '''"""{name}: engine model converted by `porter convert` from {source}.
 
@@ -152,13 +156,23 @@ def _with_header(module: cst.Module, ctx: Context, filename: str) -> cst.Module:
     return module.with_changes(header=[], body=[*doc, *body])
 
 
+def leftover_names(text: str) -> list[tuple[str, int]]:
+    """(name, line) of each FORBIDDEN_NAMES identifier in generated code (not in strings or comments)."""
+    tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+    return [(t.string, t.start[0]) for t in tokens if t.type == tokenize.NAME and t.string in FORBIDDEN_NAMES]
+
+
 def _check_leftovers(text: str, ctx: Context) -> None:
-    for i, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         stripped = line.split("#", 1)[0]
         for word in FORBIDDEN:
             if re.search(rf"\b{word}\b", stripped):
                 ctx.report.refuse(f"leftover `{word}`", None,
                                   f"generated line {i} still mentions it: {line.strip()[:80]}")
+    for name, i in leftover_names(text):
+        ctx.report.refuse(f"leftover `{name}`", None,
+                          f"generated line {i} still uses it: {lines[i - 1].strip()[:80]}")
 
 
 def convert_file(path: str | Path, model_type: str | None = None) -> ConvertResult:
